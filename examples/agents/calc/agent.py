@@ -1,0 +1,98 @@
+"""calc: evaluates an arithmetic expression and reports the sandbox it runs in.
+
+The expression is parsed with ``ast`` and only numbers and arithmetic operators are
+evaluated (no names, calls or attributes). The report of the sandbox as seen from inside
+(uid, cgroup memory and pids limits, whether / is read-only) lets tests and users see the
+policy's sandbox applied for real.
+"""
+
+import ast
+import operator
+import os
+import time
+
+from gateway.sdk import Agent, AgentError
+
+agent = Agent("calc")
+MAX_DIGITS = int(os.environ.get("CALC_MAX_DIGITS", "50"))
+OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+    ast.USub: operator.neg,
+    ast.UAdd: operator.pos,
+}
+
+
+def evaluate(node):
+    if isinstance(node, ast.Expression):
+        return evaluate(node.body)
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.BinOp) and type(node.op) in OPS:
+        left, right = evaluate(node.left), evaluate(node.right)
+        if isinstance(node.op, ast.Pow) and abs(right) > 64:
+            raise AgentError("exponent too large", code="too_large")
+        return OPS[type(node.op)](left, right)
+    if isinstance(node, ast.UnaryOp) and type(node.op) in OPS:
+        return OPS[type(node.op)](evaluate(node.operand))
+    raise AgentError(
+        f"unsupported expression element: {type(node).__name__}", code="bad_expression"
+    )
+
+
+def read_int(*paths):
+    for path in paths:
+        try:
+            with open(path) as f:
+                raw = f.read().strip()
+        except OSError:
+            continue
+        if raw.isdigit():
+            return int(raw)
+        return None
+    return None
+
+
+def sandbox():
+    try:
+        with open("/probe-write", "w"):
+            pass
+        read_only = False
+    except OSError:
+        read_only = True
+    return {
+        "uid": os.getuid(),
+        "memory_limit_bytes": read_int(
+            "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"
+        ),
+        "pids_limit": read_int("/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/pids/pids.max"),
+        "root_read_only": read_only,
+        "env_keys": sorted(os.environ),
+    }
+
+
+@agent.task
+def handle(input, ctx):
+    end = time.monotonic() + float(input.get("spin_s", 0))
+    while time.monotonic() < end:
+        pass
+    try:
+        tree = ast.parse(input["expression"], mode="eval")
+    except SyntaxError as e:
+        raise AgentError(f"not an expression: {e.msg}", code="bad_expression") from None
+    try:
+        value = evaluate(tree)
+    except ZeroDivisionError:
+        raise AgentError("division by zero", code="bad_expression") from None
+    if len(str(abs(int(value)))) > MAX_DIGITS:
+        raise AgentError("result too large", code="too_large")
+    return {"value": value, "sandbox": sandbox()}
+
+
+if __name__ == "__main__":
+    agent.run()

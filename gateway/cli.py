@@ -1,0 +1,267 @@
+"""The ``agent-gateway`` command (``python -m gateway`` is the same)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import ConfigError
+from gateway.settings import REPO_ROOT, Settings, SettingsError
+
+
+def _paths(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--agents", type=Path, default=REPO_ROOT / "agents.yaml", help="agents.yaml")
+    p.add_argument("--schemas", type=Path, default=REPO_ROOT / "schemas", help="schemas folder")
+    p.add_argument("--policies", type=Path, default=REPO_ROOT / "policies", help="policies folder")
+
+
+def _state(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(os.environ.get("AGENT_GATEWAY_STATE_DIR", REPO_ROOT / ".state")),
+        help="where the database and keys live",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agent-gateway", description="A policy-first gateway for agents in containers."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the hub")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--keys", type=Path, default=None, help="API keys file")
+    serve.add_argument(
+        "--max-body", type=int, default=1024 * 1024, help="request body limit (bytes)"
+    )
+    serve.add_argument("--hub-id", default=None, help="stable id for this hub's containers")
+    serve.add_argument("--log-level", default="info")
+    _state(serve)
+    _paths(serve)
+
+    check = sub.add_parser("check", help="validate agents.yaml, schemas and policies")
+    _paths(check)
+
+    policy = sub.add_parser("policy", help="policy tools")
+    psub = policy.add_subparsers(dest="policy_command", required=True)
+    ptest = psub.add_parser("test", help="run the *_test.rego tests, like 'opa test'")
+    ptest.add_argument("path", type=Path, nargs="?", default=REPO_ROOT / "policies")
+    ptest.add_argument("-v", "--verbose", action="store_true")
+    ptest.add_argument("--coverage", action="store_true")
+
+    keys = sub.add_parser("keys", help="API keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    kcreate = ksub.add_parser("create", help="create a key and print it once")
+    kcreate.add_argument("--subject", required=True)
+    kcreate.add_argument("--roles", default="user", help="comma-separated roles")
+    kcreate.add_argument("--keys", type=Path, default=None, help="keys file")
+    _state(kcreate)
+
+    images = sub.add_parser("images", help="agent images")
+    isub = images.add_subparsers(dest="images_command", required=True)
+    ibuild = isub.add_parser("build", help="build the example agent images")
+    ibuild.add_argument(
+        "--base-image",
+        default=os.environ.get("AGENT_GATEWAY_BASE_IMAGE", "agent-gateway/python-base:bookworm"),
+    )
+    ibuild.add_argument("--tag", default="dev")
+    ibuild.add_argument("names", nargs="*")
+
+    agents = sub.add_parser("agents", help="print the registry")
+    _paths(agents)
+
+    tasks = sub.add_parser("tasks", help="list tasks in the state database")
+    _state(tasks)
+    tasks.add_argument("--state", default=None)
+    tasks.add_argument("--limit", type=int, default=20)
+
+    decisions = sub.add_parser("decisions", help="the decision log")
+    dsub = decisions.add_subparsers(dest="decisions_command", required=True)
+    for name, help_text in (
+        ("list", "list decisions"),
+        ("show", "show one decision"),
+        ("verify", "verify the hash chain"),
+        ("export", "export as JSON Lines"),
+    ):
+        d = dsub.add_parser(name, help=help_text)
+        _state(d)
+        if name == "show":
+            d.add_argument("decision_id")
+        if name in ("list", "export"):
+            d.add_argument("--decision", choices=["allow", "deny"])
+            d.add_argument("--agent")
+            d.add_argument("--subject")
+            d.add_argument("--kind")
+            d.add_argument("--since")
+            d.add_argument("--until")
+            d.add_argument("--limit", type=int, default=50 if name == "list" else 1_000_000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        handler = COMMANDS[args.command]
+        return handler(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except SettingsError as e:
+        print(f"error: setting {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from gateway import logs
+    from gateway.http.app import HUB, create_app
+
+    logs.configure(args.log_level)
+    settings = Settings(
+        host=args.host,
+        port=args.port,
+        state_dir=args.state_dir,
+        keys_file=args.keys,
+        agents_file=args.agents,
+        schemas_dir=args.schemas,
+        policies_dir=args.policies,
+        max_body_bytes=args.max_body,
+        **({"hub_id": args.hub_id} if args.hub_id else {}),
+    )
+    app = create_app(settings)
+
+    async def run() -> None:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        hosts = [settings.host]
+        agent_host = app[HUB].facts.get("internal_gateway")
+        # Agents on the internal network reach the hub at the network's gateway address.
+        if agent_host and settings.host not in ("0.0.0.0", "::", agent_host):
+            hosts.append(agent_host)
+        for host in hosts:
+            await web.TCPSite(runner, host, settings.port).start()
+        print(
+            json.dumps(
+                {"msg": "listening", "urls": [f"http://{h}:{settings.port}" for h in hosts]}
+            ),
+            file=sys.stderr,
+        )
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from gateway.config import load_config
+
+    config = load_config(
+        agents_file=args.agents, schemas_dir=args.schemas, policies_dir=args.policies
+    )
+    print(f"schemas:  {len(config.schemas.documents)} ok ({config.schemas_revision})")
+    print(f"agents:   {len(config.registry.agents)} ok ({config.registry_revision})")
+    print(f"policies: {len(config.policy.modules)} modules ok ({config.policy_revision})")
+    return 0
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from gateway.policy.testing import format_report, run_tests
+
+    report = run_tests(args.path, coverage=args.coverage)
+    print(format_report(report, verbose=args.verbose))
+    failed = [r for r in report.results if r.outcome != "pass"]
+    return 1 if failed or not report.results else 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from gateway.keys import KeyStore
+
+    path = args.keys or args.state_dir / "keys.json"
+    store = KeyStore.load(path)
+    roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+    try:
+        key = store.create(args.subject, roles)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(key)
+    print(f"# subject={args.subject} roles={','.join(roles)} file={path}", file=sys.stderr)
+    return 0
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from gateway.containers.images import build_examples
+    from gateway.errors import AgentUnavailable
+
+    try:
+        built = build_examples(base_image=args.base_image, tag=args.tag, names=args.names or None)
+    except AgentUnavailable as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 1
+    for name, image_id in built.items():
+        print(f"agent-gateway/{name}:{args.tag} {image_id[:19]}")
+    return 0
+
+
+def cmd_agents(args: argparse.Namespace) -> int:
+    from gateway.registry import load_registry
+    from gateway.schemas import SchemaSet
+
+    registry = load_registry(args.agents, SchemaSet.load(args.schemas))
+    for spec in registry.agents.values():
+        print(f"{spec.name:12} {spec.image:32} {', '.join(spec.capabilities)}")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from gateway.store import Store
+
+    async def run() -> list[dict[str, Any]]:
+        store = Store(args.state_dir / "gateway.db")
+        try:
+            tasks, _ = await store.list_tasks(state=args.state, limit=args.limit)
+            return tasks
+        finally:
+            await store.close()
+
+    for t in asyncio.run(run()):
+        print(f"{t['id']}  {t['state']:10} {t['agent']:12} {t['created_at']}")
+    return 0
+
+
+def cmd_decisions(args: argparse.Namespace) -> int:
+    from gateway.decisions import run_cli
+
+    return run_cli(args)
+
+
+COMMANDS = {
+    "serve": cmd_serve,
+    "check": cmd_check,
+    "policy": cmd_policy,
+    "keys": cmd_keys,
+    "images": cmd_images,
+    "agents": cmd_agents,
+    "tasks": cmd_tasks,
+    "decisions": cmd_decisions,
+}
+
+if __name__ == "__main__":
+    raise SystemExit(main())

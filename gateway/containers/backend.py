@@ -1,0 +1,88 @@
+"""The container backend interface: what the routers need from a container engine.
+
+Docker is the one implementation today (``gateway.containers.docker``); a cluster backend
+can come later behind the same interface. Tests of the routers use a fake.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+LABEL_PREFIX = "io.agent-gateway."
+LABEL_HUB = LABEL_PREFIX + "hub"
+LABEL_TASK = LABEL_PREFIX + "task"
+LABEL_AGENT = LABEL_PREFIX + "agent"
+LABEL_EXPIRES = LABEL_PREFIX + "expires"
+LABEL_MANAGED = LABEL_PREFIX + "managed"
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything needed to start one hardened agent container.
+
+    Built only by ``gateway.containers.guardrails.build_spec`` from a policy decision, so
+    nothing reaches the engine that the decision did not grant.
+    """
+
+    name: str
+    image: str
+    port: int
+    env: dict[str, str]
+    labels: dict[str, str]
+    network: str
+    memory_bytes: int
+    nano_cpus: int
+    pids_limit: int
+    ttl_s: int
+    read_only: bool = True
+    user: str | None = None
+    tmpfs: dict[str, str] = field(default_factory=lambda: {"/tmp": "rw,nosuid,nodev,size=64m"})
+    cap_drop: tuple[str, ...] = ("ALL",)
+    security_opt: tuple[str, ...] = ("no-new-privileges:true",)
+
+
+@dataclass(frozen=True)
+class ContainerHandle:
+    """A started container and the address the hub reaches it at."""
+
+    id: str
+    name: str
+    address: str
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.address}:{self.port}"
+
+
+class ContainerBackend(Protocol):
+    """A container engine, seen from the hub."""
+
+    async def ping(self) -> None:
+        """Raise AgentUnavailable when the engine cannot be reached."""
+        ...
+
+    async def prepare(self) -> dict[str, str]:
+        """Create what containers need (networks); return facts such as the hub address."""
+        ...
+
+    async def start(self, spec: ContainerSpec) -> ContainerHandle:
+        """Create and start a container; raise AgentUnavailable on engine errors."""
+        ...
+
+    async def is_running(self, container_id: str) -> bool:
+        """Whether the container still runs (False when it exited or is gone)."""
+        ...
+
+    async def remove(self, container_id: str) -> None:
+        """Stop (if needed) and remove a container; a missing one is not an error."""
+        ...
+
+    async def list_managed(self, hub_id: str | None = None) -> list[dict[str, Any]]:
+        """Containers labelled as ours (optionally only this hub's): id, name, labels, state."""
+        ...
+
+    async def close(self) -> None:
+        """Release clients and threads."""
+        ...

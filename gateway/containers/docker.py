@@ -1,0 +1,236 @@
+"""The Docker backend: the ``docker`` SDK run on a dedicated thread pool.
+
+The SDK is synchronous and its thread safety is undocumented, so each worker thread keeps
+its own client. The client negotiates the API version with the engine (Debian's docker.io
+speaks an older API than the docker CLI on the same machine). Every Docker or transport
+error leaves this module as ``AgentUnavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import requests
+
+from gateway.containers.backend import (
+    LABEL_HUB,
+    LABEL_MANAGED,
+    ContainerHandle,
+    ContainerSpec,
+)
+from gateway.errors import AgentUnavailable
+from gateway.logs import get_logger
+
+T = TypeVar("T")
+log = get_logger("containers.docker")
+NONROOT_USER = "65534:65534"
+IMAGE_CACHE_S = 30.0
+
+
+def _is_root(user: str | None) -> bool:
+    if not user:
+        return True
+    name = user.split(":", 1)[0]
+    return name in ("0", "root")
+
+
+class DockerBackend:
+    """ContainerBackend on a local (or ``DOCKER_HOST``) Docker engine."""
+
+    def __init__(
+        self,
+        *,
+        internal_network: str = "agent-gateway-internal",
+        egress_network: str = "agent-gateway-egress",
+        workers: int = 4,
+        api_timeout_s: int = 60,
+    ) -> None:
+        self.internal_network = internal_network
+        self.egress_network = egress_network
+        self._api_timeout_s = api_timeout_s
+        self._local = threading.local()
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="docker")
+        self._images: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    # -- plumbing
+
+    def _client(self) -> docker.APIClient:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = docker.from_env(version="auto", timeout=self._api_timeout_s).api
+            self._local.client = client
+        return client
+
+    async def _call(self, what: str, func: Callable[[docker.APIClient], T]) -> T:
+        loop = asyncio.get_running_loop()
+
+        def run() -> T:
+            return func(self._client())
+
+        try:
+            return await loop.run_in_executor(self._executor, run)
+        except docker.errors.ImageNotFound as e:
+            raise AgentUnavailable(
+                f"{what}: image not found ({e.explanation}); build it with "
+                "'agent-gateway images build'"
+            ) from e
+        except docker.errors.APIError as e:
+            raise AgentUnavailable(f"{what}: Docker engine error: {e.explanation or e}") from e
+        except (docker.errors.DockerException, requests.RequestException, OSError) as e:
+            raise AgentUnavailable(f"{what}: Docker engine unreachable: {e}") from e
+
+    # -- interface
+
+    async def ping(self) -> None:
+        """Raise AgentUnavailable when the engine does not answer."""
+        await self._call("ping", lambda c: c.ping())
+
+    async def prepare(self) -> dict[str, str]:
+        """Create the internal (hub-only) and egress networks; return the hub's address."""
+
+        def ensure(c: docker.APIClient) -> dict[str, str]:
+            facts: dict[str, str] = {}
+            for name, internal in ((self.internal_network, True), (self.egress_network, False)):
+                found = [n for n in c.networks(names=[name]) if n["Name"] == name]
+                if not found:
+                    try:
+                        c.create_network(
+                            name,
+                            driver="bridge",
+                            internal=internal,
+                            check_duplicate=True,
+                            # Containers reach each other only through the hub.
+                            options={"com.docker.network.bridge.enable_icc": "false"},
+                            labels={LABEL_MANAGED: "true"},
+                        )
+                    except docker.errors.APIError as e:
+                        # Another hub created it between our look and our create.
+                        if e.status_code != 409:
+                            raise
+                info = c.inspect_network(name)
+                configs = (info.get("IPAM") or {}).get("Config") or [{}]
+                facts[f"{'internal' if internal else 'egress'}_gateway"] = configs[0].get(
+                    "Gateway", ""
+                )
+            return facts
+
+        return await self._call("prepare networks", ensure)
+
+    def _image_config(self, c: docker.APIClient, image: str) -> dict[str, Any]:
+        now = time.monotonic()
+        with self._lock:
+            cached = self._images.get(image)
+        if cached and now - cached[0] < IMAGE_CACHE_S:
+            return cached[1]
+        config = c.inspect_image(image).get("Config") or {}
+        with self._lock:
+            self._images[image] = (now, config)
+        return config
+
+    async def start(self, spec: ContainerSpec) -> ContainerHandle:
+        """Create and start the container, and read back its address on the network."""
+
+        def run(c: docker.APIClient) -> ContainerHandle:
+            config = self._image_config(c, spec.image)
+            original = list(config.get("Entrypoint") or []) + list(config.get("Cmd") or [])
+            if not original:
+                raise AgentUnavailable(f"image {spec.image} has no entrypoint or command")
+            image_user = config.get("User") or None
+            user = spec.user or (image_user if not _is_root(image_user) else NONROOT_USER)
+            host_config = c.create_host_config(
+                cap_drop=list(spec.cap_drop),
+                security_opt=list(spec.security_opt),
+                read_only=spec.read_only,
+                tmpfs=dict(spec.tmpfs),
+                mem_limit=spec.memory_bytes,
+                memswap_limit=spec.memory_bytes,
+                nano_cpus=spec.nano_cpus,
+                pids_limit=spec.pids_limit,
+                network_mode=spec.network,
+                restart_policy={"Name": "no"},
+                log_config={"Type": "json-file", "Config": {"max-size": "1m", "max-file": "1"}},
+            )
+            created = c.create_container(
+                spec.image,
+                name=spec.name,
+                # The TTL is enforced inside the container, so it holds even if the hub dies.
+                entrypoint=["timeout", "-s", "TERM", "-k", "5", f"{spec.ttl_s}s"],
+                command=original,
+                environment=spec.env,
+                labels=spec.labels,
+                user=user,
+                host_config=host_config,
+                networking_config=c.create_networking_config(
+                    {spec.network: c.create_endpoint_config()}
+                ),
+                detach=True,
+            )
+            cid = created["Id"]
+            try:
+                c.start(cid)
+                info = c.inspect_container(cid)
+                address = info["NetworkSettings"]["Networks"][spec.network]["IPAddress"]
+                if not address:
+                    raise AgentUnavailable(f"container {spec.name} has no address")
+            except BaseException:
+                c.remove_container(cid, force=True)
+                raise
+            return ContainerHandle(id=cid, name=spec.name, address=address, port=spec.port)
+
+        return await self._call(f"start {spec.name}", run)
+
+    async def is_running(self, container_id: str) -> bool:
+        def run(c: docker.APIClient) -> bool:
+            try:
+                return bool(c.inspect_container(container_id)["State"]["Running"])
+            except docker.errors.NotFound:
+                return False
+
+        return await self._call("inspect", run)
+
+    async def inspect(self, container_id: str) -> dict[str, Any]:
+        """The engine's full description of a container (for tests and operators)."""
+        return await self._call("inspect", lambda c: c.inspect_container(container_id))
+
+    async def remove(self, container_id: str) -> None:
+        def run(c: docker.APIClient) -> None:
+            try:
+                c.remove_container(container_id, force=True)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as e:
+                # "removal already in progress" means someone else is doing our job.
+                if e.status_code != 409:
+                    raise
+
+        await self._call("remove", run)
+
+    async def list_managed(self, hub_id: str | None = None) -> list[dict[str, Any]]:
+        labels = [f"{LABEL_MANAGED}=true"]
+        if hub_id:
+            labels.append(f"{LABEL_HUB}={hub_id}")
+
+        def run(c: docker.APIClient) -> list[dict[str, Any]]:
+            return [
+                {
+                    "id": item["Id"],
+                    "name": (item.get("Names") or ["?"])[0].lstrip("/"),
+                    "labels": item.get("Labels") or {},
+                    "state": item.get("State"),
+                }
+                for item in c.containers(all=True, filters={"label": labels})
+            ]
+
+        return await self._call("list containers", run)
+
+    async def close(self) -> None:
+        # Each worker owns its client; the sockets go with the threads.
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,103 @@
+"""Guardrails: turn a policy decision's sandbox into a hardened container spec.
+
+The decision is the only source of limits: a sandbox that is missing a limit, asks for an
+unknown network or grants mounts is refused (fail closed) rather than filled in with
+something more permissive. The hardening that is not negotiable (all capabilities dropped,
+no-new-privileges, read-only root with a tmpfs /tmp, non-root user, hub-only network,
+labels, TTL) is applied here to every container.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from gateway.containers.backend import (
+    LABEL_AGENT,
+    LABEL_EXPIRES,
+    LABEL_HUB,
+    LABEL_MANAGED,
+    LABEL_TASK,
+    ContainerSpec,
+)
+from gateway.errors import GuardrailViolation
+from gateway.registry import AgentSpec
+
+MIN_MEMORY = 16 * 1024 * 1024
+MAX_MEMORY = 8 * 1024**3
+SANDBOX_KEYS = {"network", "memory_bytes", "cpus", "pids", "read_only_root", "mounts"}
+
+
+def _number(sandbox: dict[str, Any], key: str, low: float, high: float) -> float:
+    value = sandbox.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise GuardrailViolation(f"sandbox.{key} is missing or not a number")
+    if not low <= value <= high:
+        raise GuardrailViolation(f"sandbox.{key}={value} is outside [{low}, {high}]")
+    return float(value)
+
+
+def build_spec(
+    *,
+    agent: AgentSpec,
+    sandbox: dict[str, Any] | None,
+    task_id: str,
+    hub_id: str,
+    networks: dict[str, str],
+    timeout_s: float,
+    ttl_grace_s: int,
+    gateway_url: str,
+    extra_env: dict[str, str] | None = None,
+) -> ContainerSpec:
+    """The container spec for running ``agent`` under ``sandbox``; GuardrailViolation if unsafe.
+
+    ``networks`` maps a sandbox network name (``internal``, ``egress``) to a Docker network.
+    """
+    if not isinstance(sandbox, dict):
+        raise GuardrailViolation("the decision granted no sandbox")
+    unknown = set(sandbox) - SANDBOX_KEYS
+    if unknown:
+        raise GuardrailViolation(
+            f"sandbox has fields the guardrails cannot enforce: {sorted(unknown)}"
+        )
+    network = sandbox.get("network")
+    if network not in networks:
+        raise GuardrailViolation(f"sandbox.network {network!r} is not one of {sorted(networks)}")
+    if sandbox.get("read_only_root") is not True:
+        raise GuardrailViolation("sandbox.read_only_root must be true")
+    if sandbox.get("mounts"):
+        # No mount support yet: refusing is the only safe answer to a grant we cannot apply.
+        raise GuardrailViolation("sandbox.mounts are not supported")
+    memory = int(_number(sandbox, "memory_bytes", MIN_MEMORY, MAX_MEMORY))
+    cpus = _number(sandbox, "cpus", 0.01, 64)
+    pids = int(_number(sandbox, "pids", 8, 4096))
+
+    ttl = int(timeout_s) + ttl_grace_s
+    env = {
+        **dict(agent.env),
+        **(extra_env or {}),
+        "GATEWAY_URL": gateway_url,
+        "AGENT_NAME": agent.name,
+        "AGENT_PORT": str(agent.port),
+        "AGENT_TASK_ID": task_id,
+    }
+    labels = {
+        **dict(agent.labels),
+        LABEL_MANAGED: "true",
+        LABEL_HUB: hub_id,
+        LABEL_TASK: task_id,
+        LABEL_AGENT: agent.name,
+        LABEL_EXPIRES: str(int(time.time()) + ttl),
+    }
+    return ContainerSpec(
+        name=f"agw-{agent.name}-{task_id[:12]}",
+        image=agent.image,
+        port=agent.port,
+        env=env,
+        labels=labels,
+        network=networks[network],
+        memory_bytes=memory,
+        nano_cpus=int(cpus * 1e9),
+        pids_limit=pids,
+        ttl_s=ttl,
+    )

@@ -1,0 +1,244 @@
+"""The decision log as the hub uses it: mask, chain, store, query, and its CLI.
+
+Record shapes, masking and chain verification live in ``gateway.decisionlog`` (pure
+functions); this module adds the SQLite side. The chain head is read inside the same write
+transaction that appends, so concurrent decisions cannot fork the chain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import uuid
+from typing import Any
+
+from gateway import __version__
+from gateway.decisionlog import (
+    GENESIS_HASH,
+    DecisionRecord,
+    Masker,
+    chain_hash,
+    now_rfc3339,
+    record_from_row,
+    record_to_json,
+    verify_chain,
+)
+from gateway.errors import UnknownDecision
+from gateway.metrics import Metrics
+from gateway.policy.engine import Decision
+from gateway.store import Store
+
+ROW_JSON_FIELDS = ("input", "result", "labels", "metrics", "erased", "masked")
+
+
+class DecisionLog:
+    """Appends decisions to the store's ``decisions`` table and reads them back."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        hub_id: str,
+        metrics: Metrics | None = None,
+        masking: list[tuple[str, str]] | None = None,
+    ) -> None:
+        self.store = store
+        self.hub_id = hub_id
+        self.metrics = metrics
+        self.masking = masking or []
+
+    async def start(self) -> None:
+        """Nothing to prepare yet; kept so the hub's lifecycle is uniform."""
+
+    async def record(
+        self,
+        *,
+        kind: str,
+        path: str,
+        input: dict[str, Any],
+        decision: Decision,
+        revision: str,
+        subject: str | None,
+        agent: str | None,
+        task_id: str | None,
+        secret_pointers: list[str] | None = None,
+    ) -> str:
+        """Mask, chain and write one decision; return its id."""
+        rules = [*self.masking, *((p, "mask") for p in secret_pointers or [])]
+        masked_input, erased, masked = Masker(rules).apply(input)
+        fields: dict[str, Any] = {
+            "decision_id": str(uuid.uuid4()),
+            "timestamp": now_rfc3339(),
+            "path": path,
+            "input": masked_input,
+            "result": decision.to_json(),
+            "revision": revision,
+            "labels": {"hub_id": self.hub_id, "version": __version__},
+            "metrics": {"timer_rego_query_eval_ns": decision.eval_ns},
+            "erased": erased,
+            "masked": masked,
+            "kind": kind,
+            "allow": decision.allow,
+            "subject": subject,
+            "agent": agent,
+            "task_id": task_id,
+        }
+
+        def tx(db: Any) -> str:
+            last = db.execute(
+                "SELECT seq, hash FROM decisions ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
+            seq = (last["seq"] + 1) if last else 1
+            prev = last["hash"] if last else GENESIS_HASH
+            record = {**fields, "seq": seq, "prev_hash": prev}
+            record["hash"] = chain_hash(prev, record)
+            row = dict(record)
+            for name in ROW_JSON_FIELDS:
+                row[name] = json.dumps(row[name], sort_keys=True)
+            row["allow"] = 1 if row["allow"] else 0
+            db["decisions"].insert(row)
+            return str(record["decision_id"])
+
+        decision_id = await self.store.write(tx)
+        if self.metrics is not None:
+            self.metrics.decisions.labels(kind, "allow" if decision.allow else "deny").inc()
+        return decision_id
+
+    async def get(self, decision_id: str) -> dict[str, Any]:
+        """One decision as JSON; UnknownDecision when absent."""
+
+        def q(db: Any) -> Any:
+            return db.execute(
+                "SELECT * FROM decisions WHERE decision_id = ?", [decision_id]
+            ).fetchone()
+
+        row = await self.store.read(q)
+        if row is None:
+            raise UnknownDecision(f"no decision {decision_id!r}")
+        return record_to_json(_record(row))
+
+    async def list(
+        self,
+        *,
+        allow: bool | None = None,
+        agent: str | None = None,
+        subject: str | None = None,
+        kind: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int = 50,
+        before: int | None = None,
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """Newest first, filtered; returns (records, cursor of the next page or None)."""
+        where, args = [], []
+        if allow is not None:
+            where.append("allow = ?")
+            args.append(1 if allow else 0)
+        for column, value in (("agent", agent), ("subject", subject), ("kind", kind)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if since is not None:
+            where.append("timestamp >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("timestamp <= ?")
+            args.append(until)
+        if before is not None:
+            where.append("seq < ?")
+            args.append(before)
+        sql = "SELECT * FROM decisions"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        args.append(limit + 1)
+        rows = await self.store.read(lambda db: db.execute(sql, args).fetchall())
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return [record_to_json(_record(r)) for r in rows], (rows[-1]["seq"] if more else None)
+
+    async def verify(self) -> Any:
+        """Verify the whole chain in order."""
+        rows = await self.store.read(
+            lambda db: db.execute("SELECT * FROM decisions ORDER BY seq").fetchall()
+        )
+        return verify_chain(_record(r) for r in rows)
+
+
+def _record(row: Any) -> DecisionRecord:
+    data = {k: row[k] for k in row.keys()}  # noqa: SIM118 (sqlite3.Row)
+    for name in ROW_JSON_FIELDS:
+        if isinstance(data.get(name), str):
+            data[name] = json.loads(data[name])
+    data["allow"] = bool(data["allow"])
+    return record_from_row(data)
+
+
+# --- CLI: agent-gateway decisions list|show|verify|export -------------------------------
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run a ``decisions`` subcommand against the state directory's database."""
+    db_path = args.state_dir / "gateway.db"
+    if not db_path.exists():
+        print(f"error: no database at {db_path}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        store = Store(db_path)
+        log = DecisionLog(store, hub_id="cli")
+        try:
+            return await _dispatch(args, log)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+async def _dispatch(args: argparse.Namespace, log: DecisionLog) -> int:
+    cmd = args.decisions_command
+    if cmd == "show":
+        try:
+            print(json.dumps(await log.get(args.decision_id), indent=2))
+        except UnknownDecision as e:
+            print(f"error: {e.message}", file=sys.stderr)
+            return 1
+        return 0
+    if cmd == "verify":
+        report = await log.verify()
+        for problem in report.problems:
+            print(f"{problem['kind'].upper()}: seq {problem['seq']}: {problem['message']}")
+        state = "OK" if report.ok else "TAMPERED"
+        print(f"{state}: {report.checked} records checked, head {report.head}")
+        return 0 if report.ok else 1
+    allow = None if args.decision is None else args.decision == "allow"
+    records: list[dict[str, Any]] = []
+    before = None
+    while len(records) < args.limit:
+        page, before = await log.list(
+            allow=allow,
+            agent=args.agent,
+            subject=args.subject,
+            kind=args.kind,
+            since=args.since,
+            until=args.until,
+            limit=min(500, args.limit - len(records)),
+            before=before,
+        )
+        records.extend(page)
+        if before is None:
+            break
+    if cmd == "export":
+        for rec in reversed(records):
+            sys.stdout.write(json.dumps(rec, sort_keys=True) + "\n")
+        return 0
+    for rec in records:
+        verdict = "allow" if rec["result"].get("allow") else "deny "
+        reasons = "; ".join(rec["result"].get("reasons", []))
+        print(
+            f"{rec['timestamp']}  {verdict}  {rec['kind']:8}  {rec.get('subject') or '-':10} "
+            f"{rec.get('agent') or '-':10} {rec['decision_id']}  {reasons}"
+        )
+    return 0

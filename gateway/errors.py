@@ -1,0 +1,175 @@
+"""The gateway's closed set of errors.
+
+Every failure a caller can see is one of these classes. Each carries a stable ``code``
+and the HTTP status it maps to; the HTTP layer turns them into
+``{"error": {"code", "message", "details"?, "decision_id"?}}`` in one place
+(``gateway.http.middlewares``). Core modules raise these and never import aiohttp.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GatewayError(Exception):
+    """Base class: a failure with a stable code, an HTTP status and optional details."""
+
+    code = "internal_error"
+    status = 500
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        details: Any = None,
+        decision_id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        self.decision_id = decision_id
+        self.headers = headers or {}
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON body for this error."""
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details is not None:
+            body["details"] = self.details
+        if self.decision_id is not None:
+            body["decision_id"] = self.decision_id
+        return {"error": body}
+
+
+class BadRequest(GatewayError):
+    code, status = "bad_request", 400
+
+
+class MalformedJSON(BadRequest):
+    code = "malformed_json"
+
+
+class SchemaViolation(BadRequest):
+    """A document broke its JSON Schema; ``details`` lists every failure by JSON pointer."""
+
+    code = "schema_violation"
+
+
+class Unauthorized(GatewayError):
+    code, status = "unauthorized", 401
+
+
+class Forbidden(GatewayError):
+    code, status = "forbidden", 403
+
+
+class PolicyDenied(Forbidden):
+    code = "policy_denied"
+
+
+class NotFound(GatewayError):
+    code, status = "not_found", 404
+
+
+class UnknownAgent(NotFound):
+    code = "unknown_agent"
+
+
+class UnknownCapability(NotFound):
+    code = "unknown_capability"
+
+
+class UnknownTask(NotFound):
+    code = "unknown_task"
+
+
+class UnknownDecision(NotFound):
+    code = "unknown_decision"
+
+
+class MethodNotAllowed(GatewayError):
+    code, status = "method_not_allowed", 405
+
+
+class Conflict(GatewayError):
+    code, status = "conflict", 409
+
+
+class IdempotencyConflict(Conflict):
+    code = "idempotency_conflict"
+
+
+class InvalidState(Conflict):
+    code = "invalid_state"
+
+
+class PayloadTooLarge(GatewayError):
+    code, status = "payload_too_large", 413
+
+
+class UnsupportedMediaType(GatewayError):
+    code, status = "unsupported_media_type", 415
+
+
+class TooManyRequests(GatewayError):
+    code, status = "too_many_requests", 429
+
+
+class AgentUnavailable(GatewayError):
+    """The container engine or the agent could not be reached (502)."""
+
+    code, status = "agent_unavailable", 502
+
+
+class Degraded(GatewayError):
+    code, status = "degraded", 503
+
+
+class AgentTimeout(GatewayError):
+    code, status = "agent_timeout", 504
+
+
+class ConfigError(Exception):
+    """A file a user edits (agents.yaml, a schema, a policy) is invalid.
+
+    ``location`` is ``file:line`` (or ``file:line:col``) when known.
+    """
+
+    def __init__(self, message: str, *, location: str | None = None) -> None:
+        super().__init__(f"{location}: {message}" if location else message)
+        self.message = message
+        self.location = location
+
+
+class GuardrailViolation(Exception):
+    """A sandbox the decision did not grant, or one the guardrails cannot enforce."""
+
+
+ERROR_CODES: dict[str, int] = {
+    cls.code: cls.status
+    for cls in (
+        GatewayError,
+        BadRequest,
+        MalformedJSON,
+        SchemaViolation,
+        Unauthorized,
+        Forbidden,
+        PolicyDenied,
+        NotFound,
+        UnknownAgent,
+        UnknownCapability,
+        UnknownTask,
+        UnknownDecision,
+        MethodNotAllowed,
+        Conflict,
+        IdempotencyConflict,
+        InvalidState,
+        PayloadTooLarge,
+        UnsupportedMediaType,
+        TooManyRequests,
+        AgentUnavailable,
+        Degraded,
+        AgentTimeout,
+    )
+}
+"""Every error code the API can return, with its HTTP status (documented in the README)."""

@@ -1,0 +1,56 @@
+"""Prometheus metrics, kept in a registry per hub so tests can run several hubs."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    """The hub's metrics; ``render()`` gives the text exposition format."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "gateway_http_requests",
+            "HTTP requests by route, method and status",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "gateway_http_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            registry=self.registry,
+        )
+        self.decisions = Counter(
+            "gateway_decisions",
+            "Policy decisions by kind and result",
+            ["kind", "result"],
+            registry=self.registry,
+        )
+        self.tasks = Gauge(
+            "gateway_tasks", "Tasks by state (from the store)", ["state"], registry=self.registry
+        )
+        self.dispatch_seconds = Histogram(
+            "gateway_dispatch_seconds",
+            "Submit-to-running time: container start and readiness",
+            ["agent"],
+            buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.containers_running = Gauge(
+            "gateway_containers_running", "Agent containers this hub runs", registry=self.registry
+        )
+        self.mode = Gauge(
+            "gateway_mode", "1 for the hub's current mode", ["mode"], registry=self.registry
+        )
+        self.alerts = Counter(
+            "gateway_alerts", "Alerts raised by name", ["alert"], registry=self.registry
+        )
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.request_seconds.labels(route).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,245 @@
+"""The policy engine interface and its regorus implementation.
+
+The rest of the hub only sees ``PolicyEngine.evaluate(query, input) -> Decision``, so an
+OPA-compatible backend can be added later. Evaluation fails closed: an error, an undefined
+``decision``, a non-boolean ``allow`` or an evaluation over its time budget is a deny whose
+reason says why.
+
+regorus objects are bound to the thread that made them and never release the GIL, so the
+engine is built and evaluated on the event-loop thread (DESIGN §4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+# Without this every regorus error message carries a Rust backtrace.
+os.environ["RUST_BACKTRACE"] = "0"
+os.environ["RUST_LIB_BACKTRACE"] = "0"
+
+import regorus
+
+from gateway.errors import ConfigError
+
+DISPATCH_QUERY = "data.gateway.dispatch.decision"
+MESSAGES_QUERY = "data.gateway.messages.decision"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A policy answer. ``error`` is set when the engine failed and this is a fail-closed deny."""
+
+    allow: bool
+    reasons: tuple[str, ...] = ()
+    sandbox: dict[str, Any] | None = None
+    error: str | None = None
+    eval_ns: int = 0
+    raw: Any = None
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"allow": self.allow, "reasons": list(self.reasons)}
+        if self.sandbox is not None:
+            body["sandbox"] = self.sandbox
+        if self.error is not None:
+            body["error"] = self.error
+        return body
+
+
+class PolicyEngine(Protocol):
+    """What the routers need from a policy backend."""
+
+    revision: str
+
+    def evaluate(self, query: str, input: dict[str, Any]) -> Decision:
+        """Evaluate ``query`` for ``input``; never raises, fails closed."""
+        ...
+
+
+def parse_engine_error(message: str) -> tuple[str | None, str]:
+    """Split a regorus error into (``file:line:col`` or None, the one-line reason)."""
+    location = None
+    reason = message.strip()
+    for line in message.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("-->") and location is None:
+            location = stripped[3:].strip()
+        elif stripped.startswith("error:"):
+            reason = stripped[len("error:") :].strip()
+    if reason.startswith("-->") or "\n" in reason:
+        reason = reason.splitlines()[-1].strip()
+    return location, reason
+
+
+def policy_files(policy_dir: Path, *, include_tests: bool = False) -> list[Path]:
+    """The .rego modules under ``policy_dir`` in a stable order."""
+    files = sorted(p for p in Path(policy_dir).rglob("*.rego") if p.is_file())
+    if not include_tests:
+        files = [p for p in files if not p.name.endswith("_test.rego")]
+    return files
+
+
+def data_documents(policy_dir: Path) -> dict[str, Any]:
+    """``data.json`` files under ``policy_dir``, each at the path of its directory (as OPA)."""
+    data: dict[str, Any] = {}
+    root = Path(policy_dir)
+    for path in sorted(root.rglob("data.json")):
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f"invalid JSON: {e.msg}",
+                location=f"{root.name}/{path.relative_to(root)}:{e.lineno}",
+            ) from e
+        target = data
+        for part in path.parent.relative_to(root).parts:
+            target = target.setdefault(part, {})
+        if not isinstance(doc, dict):
+            raise ConfigError("a data.json file must hold an object", location=str(path))
+        target.update(doc)
+    return data
+
+
+@dataclass
+class RegorusPolicy:
+    """Rego modules compiled into one regorus engine, with the data they were loaded with."""
+
+    engine: Any
+    revision: str
+    modules: tuple[str, ...]
+    budget_ms: float = 50.0
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(
+        cls,
+        policy_dir: Path,
+        *,
+        data: dict[str, Any] | None = None,
+        revision: str = "",
+        budget_ms: float = 50.0,
+        required: tuple[str, ...] = (DISPATCH_QUERY,),
+    ) -> RegorusPolicy:
+        """Compile every module under ``policy_dir``; raise ConfigError with file:line:col."""
+        root = Path(policy_dir)
+        engine = regorus.Engine()
+        names = []
+        for path in policy_files(root):
+            display = f"{root.name}/{path.relative_to(root).as_posix()}"
+            try:
+                engine.add_policy(display, path.read_text(encoding="utf-8"))
+            except RuntimeError as e:
+                location, reason = parse_engine_error(str(e))
+                raise ConfigError(reason, location=location or display) from e
+            names.append(display)
+        if not names:
+            raise ConfigError("no .rego modules", location=root.name)
+        merged = {**data_documents(root), **(data or {})}
+        engine.add_data(merged)
+        policy = cls(engine=engine, revision=revision, modules=tuple(names), budget_ms=budget_ms)
+        policy.data = merged
+        for query in required:
+            # Evaluating once with an empty input surfaces rule conflicts and missing
+            # packages at load time rather than on the first request.
+            try:
+                engine.set_input({})
+                engine.eval_rule(query)
+            except RuntimeError as e:
+                location, reason = parse_engine_error(str(e))
+                if reason == "not a valid rule path":
+                    reason = f"{query} is not defined by any module"
+                raise ConfigError(reason, location=location or root.name) from e
+        return policy
+
+    def set_data(self, data: dict[str, Any]) -> None:
+        """Replace ``data`` (e.g. after the registry changed), keeping data.json files."""
+        self.engine.clear_data()
+        merged = {**data_documents_cached(self.data), **data}
+        self.engine.add_data(merged)
+        self.data = merged
+
+    def evaluate(self, query: str, input: dict[str, Any]) -> Decision:
+        """Evaluate ``query``; any failure is a deny with its reason (fail closed)."""
+        start = time.perf_counter_ns()
+        try:
+            self.engine.set_input(input)
+            value = self.engine.eval_rule(query)
+        except Exception as e:  # regorus raises RuntimeError; anything else is also a deny
+            location, reason = parse_engine_error(str(e))
+            where = f" at {location}" if location else ""
+            return _deny(f"policy error{where}: {reason}", start)
+        except BaseException as e:
+            # pyo3 panics are BaseException; they must not escape as a crash of the hub.
+            if isinstance(e, KeyboardInterrupt | SystemExit):
+                raise
+            return _deny(f"policy engine panic: {type(e).__name__}", start)
+        elapsed = time.perf_counter_ns() - start
+        if elapsed > self.budget_ms * 1e6:
+            return _deny(
+                f"policy evaluation took {elapsed / 1e6:.1f} ms, "
+                f"over its {self.budget_ms} ms budget",
+                start,
+            )
+        return interpret(value, elapsed)
+
+
+def data_documents_cached(data: dict[str, Any]) -> dict[str, Any]:
+    """The part of ``data`` that came from data.json files (everything but ``agents``)."""
+    return {k: v for k, v in data.items() if k != "agents"}
+
+
+def interpret(value: Any, eval_ns: int = 0) -> Decision:
+    """Turn a raw ``decision`` value into a Decision, denying anything malformed."""
+    if value is None:
+        return Decision(False, ("policy error: decision is undefined",), None, "undefined", eval_ns)
+    if not isinstance(value, dict):
+        return Decision(
+            False,
+            (f"policy error: decision is a {type(value).__name__}, not an object",),
+            None,
+            "malformed",
+            eval_ns,
+            value,
+        )
+    allow = value.get("allow")
+    if not isinstance(allow, bool):
+        return Decision(
+            False,
+            ("policy error: decision.allow is not a boolean",),
+            None,
+            "malformed",
+            eval_ns,
+            value,
+        )
+    raw_reasons = value.get("reasons", ())
+    if isinstance(raw_reasons, set | frozenset | list | tuple):
+        reasons = tuple(sorted(str(r) for r in raw_reasons))
+    else:
+        reasons = (str(raw_reasons),)
+    sandbox = value.get("sandbox")
+    if sandbox is not None and not isinstance(sandbox, dict):
+        return Decision(
+            False, ("policy error: decision.sandbox is not an object",), None, "malformed", eval_ns
+        )
+    if not allow and not reasons:
+        reasons = ("denied by policy (no reason given)",)
+    return Decision(allow, reasons, _plain(sandbox), None, eval_ns, value)
+
+
+def _deny(reason: str, start: int) -> Decision:
+    return Decision(False, (reason,), None, reason, time.perf_counter_ns() - start)
+
+
+def _plain(value: Any) -> Any:
+    """Sets from Rego become sorted lists so the value is JSON."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, set | frozenset):
+        return sorted(_plain(v) for v in value)
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value

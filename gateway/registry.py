@@ -1,0 +1,228 @@
+"""The agent registry: ``agents.yaml``, validated against ``schemas/agents.schema.json``.
+
+An invalid file is refused with ``file:line`` and the reason; callers keep the last good
+``Registry`` in force (loading builds a new immutable object and never mutates one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from gateway.errors import ConfigError, UnknownAgent, UnknownCapability
+from gateway.schemas import SchemaSet
+
+REGISTRY_SCHEMA = "agents.schema.json"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What an agent asks for; the dispatch policy decides what it gets."""
+
+    memory: str = "128m"
+    cpus: float = 0.5
+    pids: int = 64
+
+    @property
+    def memory_bytes(self) -> int:
+        return parse_memory(self.memory)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "memory": self.memory,
+            "memory_bytes": self.memory_bytes,
+            "cpus": self.cpus,
+            "pids": self.pids,
+        }
+
+
+def parse_memory(value: str) -> int:
+    """Bytes in a Docker-style size such as ``64m`` or ``1g``."""
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    value = value.strip().lower()
+    if value and value[-1] in units:
+        return int(value[:-1]) * units[value[-1]]
+    return int(value)
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """One entry of agents.yaml."""
+
+    name: str
+    image: str
+    capabilities: tuple[str, ...]
+    input_schema: str
+    output_schema: str
+    port: int
+    endpoint: str = "/task"
+    timeout_s: float = 60.0
+    resources: Resources = field(default_factory=Resources)
+    network: str = "internal"
+    subscriptions: tuple[str, ...] = ()
+    reuse: bool = False
+    pool: MappingProxyType[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    env: MappingProxyType[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    labels: MappingProxyType[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    description: str = ""
+    line: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry as policy input and API output see it."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "image": self.image,
+            "capabilities": list(self.capabilities),
+            "input_schema": self.input_schema,
+            "output_schema": self.output_schema,
+            "port": self.port,
+            "endpoint": self.endpoint,
+            "timeout_s": self.timeout_s,
+            "resources": self.resources.to_json(),
+            "network": self.network,
+            "subscriptions": list(self.subscriptions),
+            "reuse": self.reuse,
+            "pool": dict(self.pool),
+            "env": dict(self.env),
+            "labels": dict(self.labels),
+        }
+
+
+@dataclass(frozen=True)
+class Registry:
+    """An immutable, validated registry with its content revision."""
+
+    agents: MappingProxyType[str, AgentSpec]
+    revision: str
+    source: str
+
+    def get(self, name: str) -> AgentSpec:
+        """The agent called ``name``, or UnknownAgent."""
+        try:
+            return self.agents[name]
+        except KeyError:
+            raise UnknownAgent(
+                f"no agent named {name!r} in the registry",
+                details={"known": sorted(self.agents)},
+            ) from None
+
+    def with_capability(self, capability: str) -> list[AgentSpec]:
+        """Agents offering ``capability`` in file order, or UnknownCapability when none do."""
+        found = [a for a in self.agents.values() if capability in a.capabilities]
+        if not found:
+            raise UnknownCapability(
+                f"no agent offers capability {capability!r}",
+                details={
+                    "known": sorted({c for a in self.agents.values() for c in a.capabilities})
+                },
+            )
+        return found
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: spec.to_json() for name, spec in self.agents.items()}
+
+
+def load_registry(path: Path, schemas: SchemaSet, display: str | None = None) -> Registry:
+    """Parse and validate agents.yaml; raise ConfigError with file:line on any problem."""
+    path = Path(path)
+    name = display or path.name
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", location=name) from e
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.load(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+        raise ConfigError(f"invalid YAML: {e.problem or e.context}", location=where) from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"invalid YAML: {e}", location=name) from e
+    if data is None:
+        raise ConfigError("the file is empty", location=f"{name}:1")
+    errors = schemas.errors(REGISTRY_SCHEMA, data)
+    if errors:
+        first = errors[0]
+        line = _line_of(node, first["pointer"])
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ConfigError(
+            f"{first['pointer'] or '/'}: {first['message']}{more}", location=f"{name}:{line}"
+        )
+
+    agents: dict[str, AgentSpec] = {}
+    for index, entry in enumerate(data["agents"]):
+        line = _line_of(node, f"/agents/{index}")
+        where = f"{name}:{line}"
+        if entry["name"] in agents:
+            raise ConfigError(f"duplicate agent name {entry['name']!r}", location=where)
+        for key in ("input_schema", "output_schema"):
+            if not schemas.has(entry[key]):
+                raise ConfigError(
+                    f"{key} {entry[key]!r} is not a schema under {schemas.root.name}/",
+                    location=f"{name}:{_line_of(node, f'/agents/{index}/{key}')}",
+                )
+        agents[entry["name"]] = _spec(entry, line)
+    return Registry(
+        agents=MappingProxyType(agents),
+        revision="sha256:" + hashlib.sha256(raw).hexdigest()[:16],
+        source=name,
+    )
+
+
+def _spec(entry: dict[str, Any], line: int) -> AgentSpec:
+    res = entry.get("resources", {})
+    defaults = Resources()
+    return AgentSpec(
+        name=entry["name"],
+        image=entry["image"],
+        capabilities=tuple(entry["capabilities"]),
+        input_schema=entry["input_schema"],
+        output_schema=entry["output_schema"],
+        port=entry["port"],
+        endpoint=entry.get("endpoint", "/task"),
+        timeout_s=float(entry.get("timeout_s", 60.0)),
+        resources=Resources(
+            memory=res.get("memory", defaults.memory),
+            cpus=float(res.get("cpus", defaults.cpus)),
+            pids=int(res.get("pids", defaults.pids)),
+        ),
+        network=entry.get("network", "internal"),
+        subscriptions=tuple(entry.get("subscriptions", ())),
+        reuse=bool(entry.get("reuse", False)),
+        pool=MappingProxyType(dict(entry.get("pool", {}))),
+        env=MappingProxyType(dict(entry.get("env", {}))),
+        labels=MappingProxyType(dict(entry.get("labels", {}))),
+        description=entry.get("description", ""),
+        line=line,
+    )
+
+
+def _line_of(node: yaml.Node | None, pointer: str) -> int:
+    """1-based line of the deepest YAML node on ``pointer`` that exists."""
+    if node is None:
+        return 1
+    current = node
+    for raw in [p for p in pointer.split("/")[1:]]:
+        key = raw.replace("~1", "/").replace("~0", "~")
+        nxt: yaml.Node | None = None
+        if isinstance(current, yaml.MappingNode):
+            for k, v in current.value:
+                if getattr(k, "value", None) == key:
+                    nxt = v if not isinstance(v, yaml.ScalarNode) else k
+                    break
+        elif isinstance(current, yaml.SequenceNode) and key.isdigit():
+            idx = int(key)
+            if idx < len(current.value):
+                nxt = current.value[idx]
+        if nxt is None:
+            break
+        current = nxt
+    return current.start_mark.line + 1

@@ -1,0 +1,443 @@
+"""The task router: validate, decide, start a container, hand over the task, record the end.
+
+No HTTP here: the web layer calls ``submit``, ``get``, ``list``, ``cancel`` and ``wait``,
+and tests drive the same methods directly. Each task's life after acceptance runs in one
+asyncio task owned by this router; the store's guarded transitions make sure a task reaches
+exactly one terminal state even when timeout, cancel and completion race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gateway.agent_client import AgentClient
+from gateway.config import TASK_SCHEMA, Config
+from gateway.containers.backend import ContainerBackend, ContainerHandle
+from gateway.containers.guardrails import build_spec
+from gateway.errors import (
+    Degraded,
+    GatewayError,
+    GuardrailViolation,
+    InvalidState,
+    PolicyDenied,
+    SchemaViolation,
+    UnknownTask,
+)
+from gateway.keys import Subject
+from gateway.logs import bound, get_logger
+from gateway.policy.engine import DISPATCH_QUERY, Decision
+from gateway.registry import AgentSpec
+from gateway.store import ACTIVE_STATES, TERMINAL_STATES, Store
+
+log = get_logger("tasks")
+DISPATCH_PATH = "gateway/dispatch/decision"
+
+
+class DecisionSink(Protocol):
+    """Where decisions go (the decision log)."""
+
+    async def record(
+        self,
+        *,
+        kind: str,
+        path: str,
+        input: dict[str, Any],
+        decision: Decision,
+        revision: str,
+        subject: str | None,
+        agent: str | None,
+        task_id: str | None,
+        secret_pointers: list[str] | None = None,
+    ) -> str:
+        """Write one decision; return its id."""
+        ...
+
+
+@dataclass(frozen=True)
+class RouterOptions:
+    hub_id: str
+    networks: dict[str, str]
+    gateway_url: str
+    ttl_grace_s: int = 60
+    max_running: int = 16
+    ready_timeout_s: float = 20.0
+
+
+def request_hash(envelope: Any) -> str:
+    """Stable hash of a request body, for Idempotency-Key matching."""
+    return hashlib.sha256(
+        json.dumps(envelope, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+
+class TaskRouter:
+    """Owns task dispatch from submission to terminal state."""
+
+    def __init__(
+        self,
+        *,
+        config: Callable[[], Config],
+        store: Store,
+        backend: ContainerBackend,
+        agents: AgentClient,
+        decisions: DecisionSink,
+        options: RouterOptions,
+        can_dispatch: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        self._config = config
+        self.store = store
+        self.backend = backend
+        self.agents = agents
+        self.decisions = decisions
+        self.options = options
+        self._can_dispatch = can_dispatch
+        self._slots = asyncio.Semaphore(options.max_running)
+        self._runners: dict[str, asyncio.Task[None]] = {}
+        self._done: dict[str, asyncio.Event] = {}
+        self._removals: set[asyncio.Task[None]] = set()
+        self.dispatch_observer: Callable[[str, float], None] | None = None
+
+    # -- submission
+
+    async def submit(
+        self,
+        subject: Subject,
+        envelope: Any,
+        *,
+        request: dict[str, Any],
+        idempotency_key: str | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """Accept a task or raise; returns (task, created). Nothing starts unless allowed."""
+        config = self._config()
+        config.schemas.validate(TASK_SCHEMA, envelope, what="task")
+        req_hash = request_hash(envelope)
+        if idempotency_key is not None:
+            existing = await self._replay(subject, idempotency_key, req_hash)
+            if existing is not None:
+                return existing, False
+        reason = self._can_dispatch()
+        if reason is not None:
+            raise Degraded(f"not accepting new tasks: {reason}", headers={"Retry-After": "5"})
+
+        if "agent" in envelope:
+            candidates = [config.registry.get(envelope["agent"])]
+        else:
+            candidates = config.registry.with_capability(envelope["capability"])
+
+        task_id = str(uuid.uuid4())
+        first_error: GatewayError | None = None
+        for agent in candidates:
+            try:
+                decision_id, sandbox = await self._decide(
+                    config, subject, envelope, agent, task_id, request
+                )
+            except (SchemaViolation, PolicyDenied) as e:
+                first_error = first_error or e
+                continue
+            timeout_s = float(envelope.get("timeout_s") or agent.timeout_s)
+            row = {
+                "id": task_id,
+                "agent": agent.name,
+                "capability": envelope.get("capability"),
+                "subject": subject.id,
+                "input": envelope["input"],
+                "timeout_s": timeout_s,
+                "deadline": time.time() + timeout_s,
+                "decision_id": decision_id,
+                "sandbox": sandbox,
+                "labels": envelope.get("labels"),
+                "attempts": 0,
+                "idempotency_key": idempotency_key,
+            }
+            idem = (subject.id, idempotency_key, req_hash) if idempotency_key else None
+            task, created = await self.store.create_task(row, idem)
+            if created:
+                self._start_runner(task, agent, sandbox)
+            return task, created
+        assert first_error is not None
+        raise first_error
+
+    async def _replay(self, subject: Subject, key: str, req_hash: str) -> dict[str, Any] | None:
+        def q(db: Any) -> Any:
+            return db.execute(
+                "SELECT task_id, request_hash FROM idempotency WHERE subject = ? AND key = ?",
+                [subject.id, key],
+            ).fetchone()
+
+        row = await self.store.read(q)
+        if row is None:
+            return None
+        if row["request_hash"] != req_hash:
+            from gateway.errors import IdempotencyConflict
+
+            raise IdempotencyConflict(
+                "Idempotency-Key was already used with a different request",
+                details={"task_id": row["task_id"]},
+            )
+        return await self.store.get_task(row["task_id"])
+
+    async def _decide(
+        self,
+        config: Config,
+        subject: Subject,
+        envelope: dict[str, Any],
+        agent: AgentSpec,
+        task_id: str,
+        request: dict[str, Any],
+    ) -> tuple[str, dict[str, Any]]:
+        config.schemas.validate(
+            agent.input_schema, envelope["input"], prefix="/input", what=f"input for {agent.name}"
+        )
+        policy_input = {
+            "subject": subject.to_json(),
+            "task": {**envelope, "id": task_id},
+            "agent": agent.to_json(),
+            "request": request,
+        }
+        decision = config.policy.evaluate(DISPATCH_QUERY, policy_input)
+        sandbox: dict[str, Any] | None = None
+        if decision.allow:
+            try:
+                # Build (and so check) the spec now so an unenforceable grant is a deny.
+                sandbox = decision.sandbox
+                self._spec(agent, sandbox, task_id, float(envelope.get("timeout_s") or 1))
+            except GuardrailViolation as e:
+                decision = Decision(
+                    allow=False,
+                    reasons=(f"guardrails refused the sandbox: {e}",),
+                    sandbox=decision.sandbox,
+                    error="guardrails",
+                    eval_ns=decision.eval_ns,
+                    raw=decision.raw,
+                )
+        secret = _secret_pointers(config, agent)
+        decision_id = await self.decisions.record(
+            kind="dispatch",
+            path=DISPATCH_PATH,
+            input=policy_input,
+            decision=decision,
+            revision=config.policy_revision,
+            subject=subject.id,
+            agent=agent.name,
+            task_id=task_id,
+            secret_pointers=secret,
+        )
+        with bound(task_id=task_id, decision_id=decision_id, agent=agent.name):
+            if not decision.allow:
+                log.info("dispatch denied", extra={"reasons": list(decision.reasons)})
+                raise PolicyDenied(
+                    f"policy denied the task: {'; '.join(decision.reasons)}",
+                    details={"reasons": list(decision.reasons), "agent": agent.name},
+                    decision_id=decision_id,
+                )
+            log.info("dispatch allowed")
+        assert sandbox is not None
+        return decision_id, sandbox
+
+    def _spec(self, agent: AgentSpec, sandbox: Any, task_id: str, timeout_s: float) -> Any:
+        return build_spec(
+            agent=agent,
+            sandbox=sandbox,
+            task_id=task_id,
+            hub_id=self.options.hub_id,
+            networks=self.options.networks,
+            timeout_s=timeout_s,
+            ttl_grace_s=self.options.ttl_grace_s,
+            gateway_url=self.options.gateway_url,
+        )
+
+    # -- the life of one task
+
+    def _start_runner(
+        self, task: dict[str, Any], agent: AgentSpec, sandbox: dict[str, Any]
+    ) -> None:
+        self._done[task["id"]] = asyncio.Event()
+        runner = asyncio.create_task(self._run(task, agent, sandbox), name=f"task-{task['id']}")
+        self._runners[task["id"]] = runner
+        runner.add_done_callback(lambda _: self._runners.pop(task["id"], None))
+
+    async def _run(self, task: dict[str, Any], agent: AgentSpec, sandbox: dict[str, Any]) -> None:
+        task_id = task["id"]
+        handle: ContainerHandle | None = None
+        start = time.monotonic()
+        timeout_s = float(task["timeout_s"])
+        with bound(task_id=task_id, decision_id=task["decision_id"], agent=agent.name):
+            try:
+                async with asyncio.timeout(max(0.0, task["deadline"] - time.time())):
+                    async with self._slots:
+                        spec = self._spec(agent, sandbox, task_id, timeout_s)
+                        await self._move(task_id, "dispatched", ("pending",))
+                        handle = await self.backend.start(spec)
+                        await self.store.update_task(
+                            task_id, container_id=handle.id, container_name=handle.name
+                        )
+                        await self.agents.wait_ready(handle, self.options.ready_timeout_s)
+                        await self._move(task_id, "running", ("dispatched",))
+                        if self.dispatch_observer:
+                            self.dispatch_observer(agent.name, time.monotonic() - start)
+                        reply = await self.agents.post(
+                            handle,
+                            agent.endpoint,
+                            {
+                                "task_id": task_id,
+                                "input": task["input"],
+                                "deadline": task["deadline"],
+                            },
+                            timeout_s,
+                        )
+                        await self._complete(task_id, agent, reply)
+            except TimeoutError:
+                await self._finish(
+                    task_id,
+                    "timed_out",
+                    error={"code": "agent_timeout", "message": f"no result within {timeout_s:g} s"},
+                )
+            except asyncio.CancelledError:
+                # cancel() already recorded the state; make sure the container goes.
+                if handle is not None:
+                    await self._remove_soon(handle)
+                    handle = None
+                raise
+            except GatewayError as e:
+                await self._finish(task_id, "failed", error=e.to_json()["error"])
+            except Exception as e:
+                log.exception("task runner crashed")
+                await self._finish(
+                    task_id, "failed", error={"code": "internal_error", "message": type(e).__name__}
+                )
+            finally:
+                if handle is not None:
+                    await self._remove_soon(handle)
+                self._signal(task_id)
+
+    async def _complete(self, task_id: str, agent: AgentSpec, reply: Any) -> None:
+        if not isinstance(reply, dict) or "output" not in reply:
+            await self._finish(
+                task_id,
+                "failed",
+                error={"code": "agent_protocol", "message": "agent reply has no 'output'"},
+            )
+            return
+        output = reply["output"]
+        errors = self._config().schemas.errors(agent.output_schema, output, "/output")
+        if errors:
+            await self._finish(
+                task_id,
+                "failed",
+                error={
+                    "code": "output_schema_violation",
+                    "message": f"agent output does not match {agent.output_schema}",
+                    "details": errors,
+                },
+            )
+            return
+        await self._finish(task_id, "succeeded", result=output)
+
+    async def _move(self, task_id: str, state: str, allowed: tuple[str, ...]) -> None:
+        try:
+            await self.store.transition(task_id, state, allowed_from=allowed)
+        except InvalidState:
+            # Someone (cancel) ended the task first; stop working on it.
+            raise asyncio.CancelledError from None
+
+    async def _finish(self, task_id: str, state: str, **fields: Any) -> None:
+        try:
+            await self.store.transition(task_id, state, allowed_from=ACTIVE_STATES, **fields)
+            log.info("task finished", extra={"state": state})
+        except InvalidState:
+            pass  # already terminal (e.g. cancelled while the agent answered)
+        self._signal(task_id)
+
+    async def _remove_soon(self, handle: ContainerHandle) -> None:
+        """Remove the container in a task of its own that a cancellation cannot interrupt."""
+        removal = asyncio.create_task(self._remove(handle))
+        self._removals.add(removal)
+        removal.add_done_callback(self._removals.discard)
+        await asyncio.shield(removal)
+
+    async def _remove(self, handle: ContainerHandle) -> None:
+        try:
+            await self.backend.remove(handle.id)
+        except GatewayError as e:
+            log.warning(
+                "could not remove container", extra={"container": handle.name, "error": e.message}
+            )
+
+    def _signal(self, task_id: str) -> None:
+        event = self._done.pop(task_id, None)
+        if event is not None:
+            event.set()
+
+    # -- queries and control
+
+    async def get(self, task_id: str, subject: Subject) -> dict[str, Any]:
+        """A task the subject may see (its own, or any for operators and auditors)."""
+        task = await self.store.get_task(task_id)
+        if task["subject"] != subject.id and not _sees_all(subject):
+            raise UnknownTask(f"no task {task_id!r}")
+        return task
+
+    async def list(
+        self, subject: Subject, **filters: Any
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        if not _sees_all(subject):
+            filters["subject"] = subject.id
+        return await self.store.list_tasks(**filters)
+
+    async def wait(self, task_id: str, timeout_s: float) -> None:
+        """Return when the task is terminal or ``timeout_s`` has passed."""
+        event = self._done.get(task_id)
+        if event is None or timeout_s <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout_s)
+
+    async def cancel(self, task_id: str, subject: Subject) -> dict[str, Any]:
+        """Cancel an active task and stop its container; InvalidState if it already ended."""
+        task = await self.get(task_id, subject)
+        if task["state"] in TERMINAL_STATES:
+            raise InvalidState(f"task {task_id} already ended ({task['state']})")
+        task = await self.store.transition(
+            task_id, "cancelled", allowed_from=ACTIVE_STATES, detail=f"cancelled by {subject.id}"
+        )
+        runner = self._runners.get(task_id)
+        if runner is not None:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+        self._signal(task_id)
+        return await self.store.get_task(task_id)
+
+    async def shutdown(self) -> None:
+        """Stop every runner and remove its container (tasks stay as they are in the store)."""
+        runners = list(self._runners.values())
+        for runner in runners:
+            runner.cancel()
+        for runner in runners:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await runner
+        if self._removals:
+            await asyncio.gather(*self._removals, return_exceptions=True)
+
+    @property
+    def running(self) -> int:
+        return len(self._runners)
+
+
+def _sees_all(subject: Subject) -> bool:
+    return any(subject.has(r) for r in ("operator", "auditor"))
+
+
+def _secret_pointers(config: Config, agent: AgentSpec) -> list[str]:
+    from gateway.decisionlog import pointers_marked_secret
+
+    doc = config.schemas.documents.get(agent.input_schema)
+    return pointers_marked_secret(doc, "/task/input") if isinstance(doc, dict) else []

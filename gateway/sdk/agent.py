@@ -1,0 +1,181 @@
+"""An agent's HTTP server: ``POST /task``, ``POST /message`` and ``GET /health``.
+
+Usage::
+
+    from gateway.sdk import Agent
+
+    agent = Agent("echo")
+
+    @agent.task
+    def handle(input, ctx):
+        return {"echo": input}
+
+    if __name__ == "__main__":
+        agent.run()
+
+The hub starts the container with ``AGENT_PORT``, ``AGENT_NAME``, ``AGENT_TASK_ID`` and
+``GATEWAY_URL`` in its environment. ``python3 agent.py --once`` reads one task input (JSON)
+from stdin and prints the output, which is how the benchmark runs the same work without
+the hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+MAX_BODY = 8 * 1024 * 1024
+TaskHandler = Callable[[Any, "TaskContext"], Any]
+MessageHandler = Callable[[dict[str, Any], "TaskContext"], Any]
+
+
+class AgentError(Exception):
+    """Raise from a handler to fail the task with a code and message of your choosing."""
+
+    def __init__(self, message: str, code: str = "agent_error", status: int = 422) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+@dataclass
+class TaskContext:
+    """What a handler knows about the task it serves."""
+
+    agent: str
+    task_id: str | None
+    deadline: float | None = None
+    gateway_url: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def remaining_s(self) -> float | None:
+        """Seconds until the hub gives up on this task, if it said."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.time())
+
+
+class Agent:
+    """An agent: register handlers with the decorators, then ``run()``."""
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name or os.environ.get("AGENT_NAME", "agent")
+        self._task: TaskHandler | None = None
+        self._message: MessageHandler | None = None
+        self.started = time.time()
+
+    def task(self, func: TaskHandler) -> TaskHandler:
+        """Decorator: ``func(input, ctx) -> output`` answers ``POST /task``."""
+        self._task = func
+        return func
+
+    def message(self, func: MessageHandler) -> MessageHandler:
+        """Decorator: ``func(envelope, ctx) -> reply`` answers ``POST /message``."""
+        self._message = func
+        return func
+
+    def context(self, body: dict[str, Any]) -> TaskContext:
+        return TaskContext(
+            agent=self.name,
+            task_id=body.get("task_id") or os.environ.get("AGENT_TASK_ID"),
+            deadline=body.get("deadline"),
+            gateway_url=os.environ.get("GATEWAY_URL"),
+        )
+
+    def handle_task(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Run the task handler on a request body; return (status, response body)."""
+        if self._task is None:
+            return 501, _error("not_implemented", "this agent takes no tasks")
+        return _call(lambda: {"output": self._task(body.get("input"), self.context(body))})
+
+    def handle_message(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if self._message is None:
+            return 501, _error("not_implemented", "this agent takes no messages")
+        return _call(lambda: {"reply": self._message(body, self.context(body))})
+
+    def run(self, host: str = "0.0.0.0", port: int | None = None) -> None:
+        """Serve until the container stops; ``--once`` runs one task from stdin instead."""
+        if "--once" in sys.argv[1:]:
+            status, body = self.handle_task({"input": json.load(sys.stdin)})
+            json.dump(body.get("output", body), sys.stdout)
+            sys.stdout.write("\n")
+            raise SystemExit(0 if status == 200 else 1)
+        port = port or int(os.environ.get("AGENT_PORT", "8000"))
+        server = ThreadingHTTPServer((host, port), _make_handler(self))
+        server.daemon_threads = True
+        try:
+            server.serve_forever(poll_interval=0.25)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
+
+    def serve_in_thread(self, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+        """Start the server on a background thread (for tests); returns the server."""
+        server = ThreadingHTTPServer((host, port), _make_handler(self))
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+def _call(func: Callable[[], dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    try:
+        return 200, func()
+    except AgentError as e:
+        return e.status, _error(e.code, str(e))
+    except Exception as e:  # an agent bug must become a failed task, not a dropped connection
+        return 500, _error("agent_exception", f"{type(e).__name__}: {e}")
+
+
+def _make_handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "agent-gateway-sdk"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # the hub logs every task; per-request lines here are noise
+
+        def _send(self, status: int, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            if self.path == "/health":
+                self._send(200, {"status": "ok", "agent": agent.name})
+            else:
+                self._send(404, _error("not_found", self.path))
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY:
+                self._send(413, _error("payload_too_large", f"over {MAX_BODY} bytes"))
+                return
+            try:
+                body = json.loads(self.rfile.read(length) or b"{}")
+                if not isinstance(body, dict):
+                    raise ValueError("body is not an object")
+            except ValueError as e:
+                self._send(400, _error("malformed_json", str(e)))
+                return
+            if self.path == "/task":
+                self._send(*agent.handle_task(body))
+            elif self.path == "/message":
+                self._send(*agent.handle_message(body))
+            else:
+                self._send(HTTPStatus.NOT_FOUND, _error("not_found", self.path))
+
+    return Handler

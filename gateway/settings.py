@@ -1,0 +1,84 @@
+"""Settings, read once at start-up and validated; a bad value fails fast with its name."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_BASE_IMAGE = "agent-gateway/python-base:bookworm"
+
+
+class SettingsError(ValueError):
+    """A setting has an invalid value; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the hub needs to start. Paths default to the repository's files."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    state_dir: Path = field(default_factory=lambda: REPO_ROOT / ".state")
+    keys_file: Path | None = None
+    agents_file: Path = field(default_factory=lambda: REPO_ROOT / "agents.yaml")
+    schemas_dir: Path = field(default_factory=lambda: REPO_ROOT / "schemas")
+    policies_dir: Path = field(default_factory=lambda: REPO_ROOT / "policies")
+    max_body_bytes: int = 1024 * 1024
+    hub_id: str = field(default_factory=lambda: "hub-" + secrets.token_hex(4))
+    network: str = "agent-gateway-internal"
+    egress_network: str = "agent-gateway-egress"
+    trust_domain: str = "agent-gateway.local"
+    # Containers get this long past their task's deadline before they stop by themselves,
+    # so a dead hub never leaves them running for ever.
+    container_ttl_grace_s: int = 60
+    max_running_containers: int = 16
+    default_timeout_s: float = 60.0
+    max_wait_s: float = 60.0
+    docker_workers: int = 4
+    # Extra address the hub listens on for agents (the internal network's gateway); None
+    # means "discover it from the Docker network".
+    agent_listen_host: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise SettingsError(f"port: {self.port} is not a TCP port")
+        if self.max_body_bytes < 1024:
+            raise SettingsError(f"max_body_bytes: {self.max_body_bytes} is below 1024")
+        if self.max_running_containers < 1:
+            raise SettingsError("max_running_containers: must be at least 1")
+        if self.default_timeout_s <= 0:
+            raise SettingsError("default_timeout_s: must be positive")
+        if self.docker_workers < 1:
+            raise SettingsError("docker_workers: must be at least 1")
+        for name in ("agents_file",):
+            path = getattr(self, name)
+            if not Path(path).is_file():
+                raise SettingsError(f"{name}: {path} is not a file")
+        for name in ("schemas_dir", "policies_dir"):
+            path = getattr(self, name)
+            if not Path(path).is_dir():
+                raise SettingsError(f"{name}: {path} is not a directory")
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite database file inside the state directory."""
+        return Path(self.state_dir) / "gateway.db"
+
+    @property
+    def effective_keys_file(self) -> Path:
+        """The API keys file: ``--keys`` or ``<state-dir>/keys.json``."""
+        return Path(self.keys_file) if self.keys_file else Path(self.state_dir) / "keys.json"
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer from the environment, failing with the variable's name when malformed."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: {raw!r} is not an integer") from None

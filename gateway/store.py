@@ -1,0 +1,450 @@
+"""SQLite state: tasks and their history, idempotency keys, registry revisions, decisions.
+
+One writer thread owns the only writing connection and runs each write as one
+``BEGIN IMMEDIATE`` transaction; callers await a future (the Datasette pattern). Reads run
+on a small pool of threads, each with its own connection; WAL mode lets them proceed while
+the writer writes. Schema changes are named, ordered migrations recorded in the same
+transaction that applies them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlite_utils
+
+from gateway.errors import GatewayError, IdempotencyConflict, InvalidState, UnknownTask
+from gateway.logs import get_logger
+
+T = TypeVar("T")
+log = get_logger("store")
+
+TERMINAL_STATES = ("succeeded", "failed", "timed_out", "cancelled")
+ACTIVE_STATES = ("pending", "dispatched", "running")
+TASK_JSON_FIELDS = ("input", "result", "error", "labels", "sandbox")
+
+
+class StoreUnavailable(GatewayError):
+    """The database cannot be written (disk full, read-only file, closed store)."""
+
+    code, status = "store_unavailable", 503
+
+
+def utcnow() -> str:
+    """Current UTC time, RFC 3339 with milliseconds."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# --- migrations -----------------------------------------------------------------------
+
+
+def _m001_initial(db: sqlite_utils.Database) -> None:
+    db["tasks"].create(
+        {
+            "id": str,
+            "state": str,
+            "agent": str,
+            "capability": str,
+            "subject": str,
+            "input": str,
+            "timeout_s": float,
+            "deadline": float,
+            "decision_id": str,
+            "sandbox": str,
+            "container_id": str,
+            "container_name": str,
+            "result": str,
+            "error": str,
+            "labels": str,
+            "attempts": int,
+            "parent_id": str,
+            "idempotency_key": str,
+            "created_at": str,
+            "updated_at": str,
+        },
+        pk="id",
+    )
+    db["tasks"].create_index(["state"])
+    db["tasks"].create_index(["agent", "state"])
+    db["task_events"].create(
+        {"id": int, "task_id": str, "state": str, "at": str, "detail": str},
+        pk="id",
+        foreign_keys=[("task_id", "tasks", "id")],
+    )
+    db["task_events"].create_index(["task_id"])
+    db["idempotency"].create(
+        {"subject": str, "key": str, "task_id": str, "request_hash": str, "created_at": str},
+        pk=("subject", "key"),
+    )
+    db["decisions"].create(
+        {
+            "seq": int,
+            "decision_id": str,
+            "timestamp": str,
+            "path": str,
+            "kind": str,
+            "allow": int,
+            "subject": str,
+            "agent": str,
+            "task_id": str,
+            "input": str,
+            "result": str,
+            "revision": str,
+            "labels": str,
+            "metrics": str,
+            "erased": str,
+            "masked": str,
+            "prev_hash": str,
+            "hash": str,
+        },
+        pk="seq",
+    )
+    db["decisions"].create_index(["decision_id"], unique=True)
+    db["decisions"].create_index(["timestamp"])
+    db["registry_revisions"].create(
+        {"revision": str, "loaded_at": str, "source": str, "agents": str}, pk="revision"
+    )
+
+
+MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
+    ("001_initial", _m001_initial),
+]
+
+
+def migrate(db: sqlite_utils.Database) -> list[str]:
+    """Apply pending migrations in order, each in its own transaction; return their names."""
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
+    )
+    applied = {row[0] for row in db.execute("SELECT name FROM _migrations").fetchall()}
+    done = []
+    for name, func in MIGRATIONS:
+        if name in applied:
+            continue
+        db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            func(db)
+            db.execute("INSERT INTO _migrations VALUES (?, ?)", [name, utcnow()])
+            db.conn.execute("COMMIT")
+        except BaseException:
+            db.conn.execute("ROLLBACK")
+            raise
+        done.append(name)
+    return done
+
+
+def _connect(path: Path, *, readonly: bool = False) -> sqlite_utils.Database:
+    if readonly:
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+        )
+    else:
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.row_factory = sqlite3.Row
+    return sqlite_utils.Database(conn)
+
+
+# --- the store ------------------------------------------------------------------------
+
+
+class Store:
+    """Async facade over one SQLite file: a single writer thread plus reader threads."""
+
+    def __init__(self, path: Path, *, readers: int = 2) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._local = threading.local()
+        setup = _connect(self.path)
+        self.migrations_applied = migrate(setup)
+        setup.close()
+        self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
+        self._writer.start()
+        self._readers = ThreadPoolExecutor(readers, thread_name_prefix="store-reader")
+        self._closed = False
+
+    # -- plumbing
+
+    def _write_loop(self) -> None:
+        db = _connect(self.path)
+        while True:
+            item = self._queue.get()
+            if item is None:
+                break
+            func, fut = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                db.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = func(db)
+                    db.conn.execute("COMMIT")
+                except BaseException:
+                    if db.conn.in_transaction:
+                        db.conn.execute("ROLLBACK")
+                    raise
+            except BaseException as e:
+                fut.set_exception(e)
+            else:
+                fut.set_result(result)
+        db.close()
+
+    async def write(self, func: Callable[[sqlite_utils.Database], T]) -> T:
+        """Run ``func(db)`` as one transaction on the writer thread."""
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+        fut: Future[T] = Future()
+        self._queue.put((func, fut))
+        try:
+            return await asyncio.wrap_future(fut)
+        except sqlite3.OperationalError as e:
+            raise StoreUnavailable(f"cannot write the state database: {e}") from e
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.IntegrityError):
+                raise
+            raise StoreUnavailable(f"state database error: {e}") from e
+
+    def _reader_db(self) -> sqlite_utils.Database:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = _connect(self.path, readonly=True)
+            self._local.db = db
+        return db
+
+    async def read(self, func: Callable[[sqlite_utils.Database], T]) -> T:
+        """Run ``func(db)`` on a reader thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, lambda: func(self._reader_db()))
+
+    async def close(self) -> None:
+        """Finish queued writes and stop the threads."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
+        self._readers.shutdown(wait=True)
+
+    async def ping_write(self) -> None:
+        """A cheap write, used as the health probe for 'store writable'."""
+        await self.write(lambda db: db.execute("CREATE TEMP TABLE IF NOT EXISTS _probe(x)"))
+
+    # -- tasks
+
+    async def create_task(
+        self, row: dict[str, Any], idempotency: tuple[str, str, str] | None = None
+    ) -> tuple[dict[str, Any], bool]:
+        """Insert a pending task (and its idempotency key) atomically.
+
+        Returns (task, created). With an idempotency key already used for the same request,
+        returns the original task and False; for a different request, IdempotencyConflict.
+        """
+
+        def tx(db: sqlite_utils.Database) -> tuple[dict[str, Any], bool]:
+            if idempotency is not None:
+                subject, key, request_hash = idempotency
+                existing = db.execute(
+                    "SELECT task_id, request_hash FROM idempotency WHERE subject = ? AND key = ?",
+                    [subject, key],
+                ).fetchone()
+                if existing is not None:
+                    if existing["request_hash"] != request_hash:
+                        raise IdempotencyConflict(
+                            "Idempotency-Key was already used with a different request",
+                            details={"task_id": existing["task_id"]},
+                        )
+                    return _task_from_row(_select_task(db, existing["task_id"])), False
+            now = utcnow()
+            record = {**row, "state": "pending", "created_at": now, "updated_at": now}
+            for name in TASK_JSON_FIELDS:
+                if name in record and record[name] is not None:
+                    record[name] = json.dumps(record[name])
+            db["tasks"].insert(record)
+            db["task_events"].insert({"task_id": row["id"], "state": "pending", "at": now})
+            if idempotency is not None:
+                db["idempotency"].insert(
+                    {
+                        "subject": idempotency[0],
+                        "key": idempotency[1],
+                        "task_id": row["id"],
+                        "request_hash": idempotency[2],
+                        "created_at": now,
+                    }
+                )
+            return _task_from_row(_select_task(db, row["id"])), True
+
+        return await self.write(tx)
+
+    async def transition(
+        self,
+        task_id: str,
+        state: str,
+        *,
+        allowed_from: tuple[str, ...],
+        detail: str | None = None,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """Move a task to ``state`` if it is in one of ``allowed_from``; else InvalidState.
+
+        The guard runs inside the write transaction, so a task reaches a terminal state
+        exactly once even when a timeout, a cancel and a result race.
+        """
+
+        def tx(db: sqlite_utils.Database) -> dict[str, Any]:
+            current = _select_task(db, task_id)
+            if current is None:
+                raise UnknownTask(f"no task {task_id!r}")
+            if current["state"] not in allowed_from:
+                raise InvalidState(
+                    f"task {task_id} is {current['state']}, cannot become {state}",
+                    details={"state": current["state"]},
+                )
+            now = utcnow()
+            update = {"state": state, "updated_at": now, **fields}
+            for name in TASK_JSON_FIELDS:
+                if name in update and update[name] is not None:
+                    update[name] = json.dumps(update[name])
+            db["tasks"].update(task_id, update)
+            db["task_events"].insert(
+                {"task_id": task_id, "state": state, "at": now, "detail": detail}
+            )
+            return _task_from_row(_select_task(db, task_id))
+
+        return await self.write(tx)
+
+    async def update_task(self, task_id: str, **fields: Any) -> None:
+        """Set fields that are not a state change (e.g. the container id)."""
+
+        def tx(db: sqlite_utils.Database) -> None:
+            for name in TASK_JSON_FIELDS:
+                if name in fields and fields[name] is not None:
+                    fields[name] = json.dumps(fields[name])
+            db["tasks"].update(task_id, {**fields, "updated_at": utcnow()})
+
+        await self.write(tx)
+
+    async def get_task(self, task_id: str) -> dict[str, Any]:
+        """One task with its state history; UnknownTask when absent."""
+
+        def q(db: sqlite_utils.Database) -> dict[str, Any] | None:
+            row = _select_task(db, task_id)
+            if row is None:
+                return None
+            task = _task_from_row(row)
+            task["history"] = [
+                {
+                    "state": e["state"],
+                    "at": e["at"],
+                    **({"detail": e["detail"]} if e["detail"] else {}),
+                }
+                for e in db.execute(
+                    "SELECT state, at, detail FROM task_events WHERE task_id = ? ORDER BY id",
+                    [task_id],
+                ).fetchall()
+            ]
+            return task
+
+        task = await self.read(q)
+        if task is None:
+            raise UnknownTask(f"no task {task_id!r}")
+        return task
+
+    async def list_tasks(
+        self,
+        *,
+        state: str | None = None,
+        agent: str | None = None,
+        subject: str | None = None,
+        limit: int = 50,
+        before: int | None = None,
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """Newest first; returns (tasks, cursor for the next page or None)."""
+        where, args = [], []
+        for column, value in (("state", state), ("agent", agent), ("subject", subject)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if before is not None:
+            where.append("rowid < ?")
+            args.append(before)
+        sql = "SELECT rowid AS _rowid, * FROM tasks"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY rowid DESC LIMIT ?"
+        args.append(limit + 1)
+
+        def q(db: sqlite_utils.Database) -> list[sqlite3.Row]:
+            return db.execute(sql, args).fetchall()
+
+        rows = await self.read(q)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        tasks = [_task_from_row(r) for r in rows]
+        return tasks, (rows[-1]["_rowid"] if more and rows else None)
+
+    async def active_tasks(self) -> list[dict[str, Any]]:
+        """Every task not yet in a terminal state (for recovery and shutdown)."""
+
+        def q(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+            marks = ",".join("?" * len(ACTIVE_STATES))
+            return [
+                _task_from_row(r)
+                for r in db.execute(
+                    f"SELECT * FROM tasks WHERE state IN ({marks}) ORDER BY rowid", ACTIVE_STATES
+                ).fetchall()
+            ]
+
+        return await self.read(q)
+
+    async def count_tasks_by_state(self) -> dict[str, int]:
+        def q(db: sqlite_utils.Database) -> dict[str, int]:
+            return {
+                r[0]: r[1]
+                for r in db.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall()
+            }
+
+        return await self.read(q)
+
+    # -- registry
+
+    async def record_registry(self, revision: str, source: str, agents: dict[str, Any]) -> None:
+        """Remember a loaded registry revision (idempotent)."""
+
+        def tx(db: sqlite_utils.Database) -> None:
+            db["registry_revisions"].insert(
+                {
+                    "revision": revision,
+                    "loaded_at": utcnow(),
+                    "source": source,
+                    "agents": json.dumps(agents),
+                },
+                ignore=True,
+            )
+
+        await self.write(tx)
+
+
+def _select_task(db: sqlite_utils.Database, task_id: str) -> Any:
+    return db.execute("SELECT * FROM tasks WHERE id = ?", [task_id]).fetchone()
+
+
+def _task_from_row(row: Any) -> dict[str, Any]:
+    keys = row.keys()  # sqlite3.Row is not a mapping: iterating it yields values
+    task = {k: row[k] for k in keys if not k.startswith("_")}
+    for name in TASK_JSON_FIELDS:
+        if task.get(name) is not None:
+            task[name] = json.loads(task[name])
+    return task

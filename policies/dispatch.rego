@@ -1,0 +1,86 @@
+# Task dispatch: may this caller run this task on this agent, and in what sandbox?
+#
+# input:  {"subject": {"id", "roles"}, "task": {...envelope...}, "agent": {...registry entry...},
+#          "request": {"method", "path", "remote_addr", "time"}}
+# data:   data.agents (the registry by name) and data.config (policies/data.json)
+# output: decision = {"allow": bool, "reasons": [string], "sandbox": {...}}
+package gateway.dispatch
+
+import rego.v1
+
+cfg := data.config
+
+roles := {r | some r in input.subject.roles}
+
+# --- refusals -------------------------------------------------------------------------
+
+deny contains "caller has no 'user' role" if not "user" in roles
+
+deny contains msg if {
+	not trusted_image
+	msg := sprintf("image %q is not under a trusted prefix %v", [input.agent.image, cfg.trusted_image_prefixes])
+}
+
+deny contains msg if {
+	some cap in input.agent.capabilities
+	rule := cfg.restricted_capabilities[cap]
+	count(roles & {r | some r in rule.roles}) == 0
+	msg := sprintf("capability %q requires one of the roles %v", [cap, rule.roles])
+}
+
+deny contains "network 'egress' requires the 'egress' role" if {
+	input.agent.network == "egress"
+	not "egress" in roles
+}
+
+deny contains msg if {
+	input.task.timeout_s > input.agent.timeout_s
+	msg := sprintf("timeout_s %v exceeds the agent's limit of %v s", [input.task.timeout_s, input.agent.timeout_s])
+}
+
+trusted_image if {
+	some prefix in cfg.trusted_image_prefixes
+	startswith(input.agent.image, prefix)
+}
+
+# --- sandbox --------------------------------------------------------------------------
+
+requested := input.agent.resources
+
+# A restricted capability runs with its fixed sandbox whatever the agent asks for.
+restricted_sandbox := rule.sandbox if {
+	some cap in input.agent.capabilities
+	rule := cfg.restricted_capabilities[cap]
+}
+
+limits := restricted_sandbox if {
+	restricted_sandbox
+} else := {
+	"memory_bytes": min([requested.memory_bytes, cfg.ceiling.memory_bytes]),
+	"cpus": min([requested.cpus, cfg.ceiling.cpus]),
+	"pids": min([requested.pids, cfg.ceiling.pids]),
+}
+
+sandbox := {
+	"network": network,
+	"memory_bytes": limits.memory_bytes,
+	"cpus": limits.cpus,
+	"pids": limits.pids,
+	"read_only_root": true,
+	"mounts": [],
+}
+
+network := "egress" if {
+	input.agent.network == "egress"
+	"egress" in roles
+} else := "internal"
+
+# --- the answer -----------------------------------------------------------------------
+
+default allow := false
+
+allow if count(deny) == 0
+
+decision := {"allow": true, "reasons": ["allowed"], "sandbox": sandbox} if {
+	allow
+} else := {"allow": false, "reasons": deny}

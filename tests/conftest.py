@@ -1,0 +1,146 @@
+"""Shared fixtures: repository paths, API keys, a fake container backend, hub apps."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import itertools
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.containers.backend import ContainerHandle, ContainerSpec
+from gateway.errors import AgentUnavailable
+from gateway.keys import KeyStore
+from gateway.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+ROLES = {
+    "user": ["user"],
+    "developer": ["user", "developer"],
+    "auditor": ["auditor"],
+    "operator": ["operator"],
+    "nobody": [],
+}
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict[str, str]:
+    """One API key per role set, in ``tmp_path/keys.json``."""
+    store = KeyStore.load(tmp_path / "keys.json")
+    return {name: store.create(name, roles) for name, roles in ROLES.items()}
+
+
+def auth(key: str) -> dict[str, str]:
+    """Authorization header for ``key``."""
+    return {"Authorization": f"Bearer {key}"}
+
+
+def load_example(name: str) -> Any:
+    """Import ``examples/agents/<name>/agent.py`` and return its ``agent``."""
+    path = REPO / "examples" / "agents" / name / "agent.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.agent
+
+
+@dataclass
+class FakeBackend:
+    """Runs example agents in-process on loopback instead of in containers.
+
+    The agent SDK and the HTTP hand-off are real; only Docker is replaced. ``fail_start``
+    makes the next starts fail like an unreachable engine.
+    """
+
+    started: list[ContainerSpec] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    servers: dict[str, Any] = field(default_factory=dict)
+    fail_start: bool = False
+    start_delay_s: float = 0.0
+    _ids: Any = field(default_factory=lambda: itertools.count(1))
+
+    async def ping(self) -> None:
+        if self.fail_start:
+            raise AgentUnavailable("fake engine is down")
+
+    async def prepare(self) -> dict[str, str]:
+        return {"internal_gateway": "127.0.0.1"}
+
+    async def start(self, spec: ContainerSpec) -> ContainerHandle:
+        if self.fail_start:
+            raise AgentUnavailable("fake engine is down")
+        await asyncio.sleep(self.start_delay_s)
+        self.started.append(spec)
+        agent = load_example(spec.labels["io.agent-gateway.agent"])
+        server = agent.serve_in_thread()
+        cid = f"fake{next(self._ids)}"
+        self.servers[cid] = server
+        return ContainerHandle(id=cid, name=spec.name, address="127.0.0.1", port=server.server_port)
+
+    async def is_running(self, container_id: str) -> bool:
+        return container_id in self.servers
+
+    async def remove(self, container_id: str) -> None:
+        server = self.servers.pop(container_id, None)
+        if server is not None:
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()
+            self.removed.append(container_id)
+
+    async def list_managed(self, hub_id: str | None = None) -> list[dict[str, Any]]:
+        return [{"id": cid, "name": cid, "labels": {}, "state": "running"} for cid in self.servers]
+
+    async def close(self) -> None:
+        for cid in list(self.servers):
+            await self.remove(cid)
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings for a hub whose state lives under ``tmp_path``."""
+    base: dict[str, Any] = {
+        "state_dir": tmp_path / "state",
+        "keys_file": tmp_path / "keys.json",
+        "agents_file": REPO / "agents.yaml",
+        "schemas_dir": REPO / "schemas",
+        "policies_dir": REPO / "policies",
+        "hub_id": f"test-{os.getpid()}-{int(time.monotonic() * 1000) % 100000}",
+    }
+    base.update(overrides)
+    return Settings(**base)
+
+
+@pytest.fixture
+def config_copy(tmp_path: Path) -> Callable[[], Path]:
+    """Copy agents.yaml, schemas/ and policies/ into ``tmp_path/repo`` for edits."""
+
+    def make() -> Path:
+        root = tmp_path / "repo"
+        if not root.exists():
+            root.mkdir()
+            shutil.copy(REPO / "agents.yaml", root / "agents.yaml")
+            shutil.copytree(REPO / "schemas", root / "schemas")
+            shutil.copytree(REPO / "policies", root / "policies")
+        return root
+
+    return make
+
+
+@pytest.fixture
+async def fake_hub(
+    tmp_path: Path, keys: dict[str, str], aiohttp_client: Any
+) -> AsyncIterator[tuple[Any, FakeBackend]]:
+    """A hub app with the fake backend, as an aiohttp test client."""
+    from gateway.http.app import create_app
+
+    backend = FakeBackend()
+    app = create_app(make_settings(tmp_path), backend=backend)
+    client = await aiohttp_client(app)
+    yield client, backend

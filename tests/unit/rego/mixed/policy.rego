@@ -1,0 +1,7 @@
+package mixed
+
+import rego.v1
+
+limit := 10
+
+ratio := limit / input.n

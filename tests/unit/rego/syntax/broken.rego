@@ -1,0 +1,7 @@
+package broken
+
+import rego.v1
+
+allow if {
+	input.user ==
+}

@@ -1,0 +1,5 @@
+package ok
+
+import rego.v1
+
+allow := true

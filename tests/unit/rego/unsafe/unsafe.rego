@@ -1,0 +1,7 @@
+package unsafe
+
+import rego.v1
+
+allow if {
+	x == 1
+}
