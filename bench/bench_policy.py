@@ -12,10 +12,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._stats import report, summary  # noqa: E402
-from gateway.config import load_config  # noqa: E402
-from gateway.policy.engine import DISPATCH_QUERY  # noqa: E402
-from gateway.settings import REPO_ROOT  # noqa: E402
+from bench._stats import report, summary
+from gateway.config import load_config
+from gateway.policy.engine import DISPATCH_QUERY
+from gateway.settings import REPO_ROOT
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import jsonschema  # noqa: E402
-import referencing  # noqa: E402
+import jsonschema
+import referencing
 
-from bench._stats import report, summary  # noqa: E402
-from gateway.schemas import BASE_URI, SchemaSet  # noqa: E402
-from gateway.settings import REPO_ROOT  # noqa: E402
+from bench._stats import report, summary
+from gateway.schemas import BASE_URI, SchemaSet
+from gateway.settings import REPO_ROOT
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
 ENVELOPE = {
@@ -52,7 +52,9 @@ def main() -> None:
         (BASE_URI + rel, referencing.Resource.from_contents(json.loads(json.dumps(doc))))
         for rel, doc in schemas.documents.items()
     )
-    py_task = jsonschema.Draft202012Validator(schemas.documents["task.schema.json"], registry=registry)
+    py_task = jsonschema.Draft202012Validator(
+        schemas.documents["task.schema.json"], registry=registry
+    )
     py_input = jsonschema.Draft202012Validator(
         schemas.documents["agents/wordstats.input.json"], registry=registry
     )

@@ -7,21 +7,20 @@ the task router only deals with the gateway's own errors.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
 import aiohttp
 
 from gateway.containers.backend import ContainerHandle
-from gateway.errors import AgentTimeout, AgentUnavailable
+from gateway.errors import AgentError, AgentTimeout, AgentUnavailable
 
 MAX_REPLY_BYTES = 8 * 1024 * 1024
 
 
-class AgentReplyError(AgentUnavailable):
+class AgentReplyError(AgentError):
     """The agent answered with an error (its code and message are kept)."""
-
-    code = "agent_error"
 
     def __init__(self, message: str, *, status: int, agent_error: Any = None) -> None:
         super().__init__(message, details={"agent_status": status, "agent_error": agent_error})
@@ -61,7 +60,7 @@ class AgentClient:
             except (aiohttp.ClientError, TimeoutError) as e:
                 last = type(e).__name__
             await asyncio.sleep(self.probe_interval_s)
-        raise AgentTimeout(f"agent {handle.name} not ready after {timeout_s:.1f} s ({last})")
+        raise AgentUnavailable(f"agent {handle.name} not ready after {timeout_s:.1f} s ({last})")
 
     async def post(
         self, handle: ContainerHandle, path: str, body: dict[str, Any], timeout_s: float
@@ -79,9 +78,7 @@ class AgentClient:
                         f"agent reply is over {MAX_REPLY_BYTES} bytes", status=resp.status
                     )
                 try:
-                    payload = (
-                        await asyncio.to_thread(_loads, raw) if len(raw) > 65536 else _loads(raw)
-                    )
+                    payload = json.loads(raw)
                 except ValueError:
                     raise AgentReplyError(
                         f"agent replied with non-JSON (HTTP {resp.status})", status=resp.status
@@ -101,9 +98,3 @@ class AgentClient:
             ) from e
         except aiohttp.ClientError as e:
             raise AgentUnavailable(f"agent {handle.name} unreachable: {e}") from e
-
-
-def _loads(raw: bytes) -> Any:
-    import json
-
-    return json.loads(raw)

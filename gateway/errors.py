@@ -59,6 +59,22 @@ class Unauthorized(GatewayError):
     code, status = "unauthorized", 401
 
 
+class InvalidToken(Unauthorized):
+    code = "invalid_token"
+
+    def __init__(self, message: str) -> None:
+        # RFC 6750 asks for the reason in WWW-Authenticate on a rejected bearer token.
+        super().__init__(message, headers={"WWW-Authenticate": f'Bearer error="{self.code}"'})
+
+
+class ExpiredToken(InvalidToken):
+    code = "token_expired"
+
+
+class RevokedToken(InvalidToken):
+    code = "token_revoked"
+
+
 class Forbidden(GatewayError):
     code, status = "forbidden", 403
 
@@ -121,6 +137,24 @@ class AgentUnavailable(GatewayError):
     code, status = "agent_unavailable", 502
 
 
+class AgentError(AgentUnavailable):
+    """The agent answered with an error; its status and error body are in ``details``."""
+
+    code = "agent_error"
+
+
+class InvalidConfig(GatewayError):
+    """A reload was refused: a file is invalid (``details.location`` is file:line)."""
+
+    code, status = "invalid_config", 422
+
+
+class StoreUnavailable(GatewayError):
+    """The state database cannot be written (disk full, read-only file, closed store)."""
+
+    code, status = "store_unavailable", 503
+
+
 class Degraded(GatewayError):
     code, status = "degraded", 503
 
@@ -153,6 +187,9 @@ ERROR_CODES: dict[str, int] = {
         MalformedJSON,
         SchemaViolation,
         Unauthorized,
+        InvalidToken,
+        ExpiredToken,
+        RevokedToken,
         Forbidden,
         PolicyDenied,
         NotFound,
@@ -168,6 +205,9 @@ ERROR_CODES: dict[str, int] = {
         UnsupportedMediaType,
         TooManyRequests,
         AgentUnavailable,
+        AgentError,
+        InvalidConfig,
+        StoreUnavailable,
         Degraded,
         AgentTimeout,
     )

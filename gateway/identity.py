@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from spiffe import JwtBundle, JwtSvid, SpiffeId, TrustDomain
 from spiffe.errors import PySpiffeError
 
-from gateway.errors import ConfigError, Unauthorized
+from gateway.errors import ConfigError, ExpiredToken, InvalidToken, RevokedToken, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +43,6 @@ ALLOWED_ALGS = frozenset(
 )
 _KEY_FILE_RE = re.compile(r"^jwt-svid-(\d+)-([A-Za-z0-9_-]{43})\.pem$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-
-
-class InvalidToken(Unauthorized):
-    code = "invalid_token"
-
-    def __init__(self, message: str) -> None:
-        # RFC 6750 asks for the reason in WWW-Authenticate on a rejected bearer token.
-        super().__init__(message, headers={"WWW-Authenticate": f'Bearer error="{self.code}"'})
-
-
-class ExpiredToken(InvalidToken):
-    code = "token_expired"
-
-
-class RevokedToken(InvalidToken):
-    code = "token_revoked"
 
 
 @dataclass(frozen=True, slots=True)

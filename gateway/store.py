@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
-from gateway.errors import GatewayError, IdempotencyConflict, InvalidState, UnknownTask
+from gateway.errors import IdempotencyConflict, InvalidState, StoreUnavailable, UnknownTask
 from gateway.logs import get_logger
 
 T = TypeVar("T")
@@ -31,12 +31,6 @@ log = get_logger("store")
 TERMINAL_STATES = ("succeeded", "failed", "timed_out", "cancelled")
 ACTIVE_STATES = ("pending", "dispatched", "running")
 TASK_JSON_FIELDS = ("input", "result", "error", "labels", "sandbox")
-
-
-class StoreUnavailable(GatewayError):
-    """The database cannot be written (disk full, read-only file, closed store)."""
-
-    code, status = "store_unavailable", 503
 
 
 def utcnow() -> str:

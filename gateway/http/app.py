@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.containers.backend import ContainerBackend
-from gateway.errors import BadRequest, ConfigError, GatewayError
+from gateway.errors import BadRequest, ConfigError, GatewayError, InvalidConfig
 from gateway.http.middlewares import KEYS, MAX_BODY, authenticate, error_middleware, read_json
 from gateway.http.openapi import openapi_document
 from gateway.hub import Hub
@@ -233,10 +233,9 @@ async def admin_reload(request: web.Request) -> web.Response:
     try:
         revisions = await hub.reload()
     except ConfigError as e:
-        err = BadRequest(f"reload refused: {e.message}", details={"location": e.location})
-        err.code = "invalid_config"
-        err.status = 422
-        raise err from None
+        raise InvalidConfig(
+            f"reload refused: {e.message}", details={"location": e.location}
+        ) from None
     return web.json_response({"reloaded": True, "revisions": revisions})
 
 

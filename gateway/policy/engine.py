@@ -61,17 +61,18 @@ class PolicyEngine(Protocol):
 
 
 def parse_engine_error(message: str) -> tuple[str | None, str]:
-    """Split a regorus error into (``file:line:col`` or None, the one-line reason)."""
+    """Split a regorus error into (``file:line:col`` or None, its one-line reason)."""
     location = None
-    reason = message.strip()
+    reason = ""
     for line in message.splitlines():
         stripped = line.strip()
         if stripped.startswith("-->") and location is None:
             location = stripped[3:].strip()
-        elif stripped.startswith("error:"):
+        elif stripped.startswith("error:") and not reason:
             reason = stripped[len("error:") :].strip()
-    if reason.startswith("-->") or "\n" in reason:
-        reason = reason.splitlines()[-1].strip()
+    if not reason:
+        lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+        reason = lines[-1] if lines else "unknown error"
     return location, reason
 
 
@@ -83,25 +84,30 @@ def policy_files(policy_dir: Path, *, include_tests: bool = False) -> list[Path]
     return files
 
 
-def data_documents(policy_dir: Path) -> dict[str, Any]:
-    """``data.json`` files under ``policy_dir``, each at the path of its directory (as OPA)."""
+def data_documents(root: Path) -> dict[str, Any]:
+    """``data.json`` files, each merged at the path of its directory (as OPA bundles do)."""
     data: dict[str, Any] = {}
-    root = Path(policy_dir)
     for path in sorted(root.rglob("data.json")):
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ConfigError(
-                f"invalid JSON: {e.msg}",
-                location=f"{root.name}/{path.relative_to(root)}:{e.lineno}",
+                f"invalid JSON: {e.msg}", location=f"{_display(root, path)}:{e.lineno}:{e.colno}"
             ) from e
+        if not isinstance(doc, dict):
+            raise ConfigError("a data.json file must hold an object", location=_display(root, path))
         target = data
         for part in path.parent.relative_to(root).parts:
             target = target.setdefault(part, {})
-        if not isinstance(doc, dict):
-            raise ConfigError("a data.json file must hold an object", location=str(path))
         target.update(doc)
     return data
+
+
+def _display(root: Path, path: Path) -> str:
+    # The same "policies/x.rego" naming as the runtime engine, so locations agree.
+    return f"{root.name}/{path.relative_to(root).as_posix()}"
 
 
 @dataclass

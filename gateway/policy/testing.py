@@ -28,6 +28,8 @@ os.environ["RUST_LIB_BACKTRACE"] = "0"
 import regorus
 
 from gateway.errors import ConfigError
+from gateway.policy.engine import data_documents as _data_documents
+from gateway.policy.engine import parse_engine_error as parse_regorus_error
 
 Outcome = Literal["pass", "fail", "error"]
 
@@ -76,46 +78,9 @@ class TestReport:
         return bool(self.results) and all(r.outcome == "pass" for r in self.results)
 
 
-def parse_regorus_error(message: str) -> tuple[str | None, str]:
-    """Split a regorus error into (``file:line:col`` or None, its one-line reason)."""
-    location = None
-    reason = ""
-    for line in message.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("-->") and location is None:
-            location = stripped[3:].strip()
-        elif stripped.startswith("error:") and not reason:
-            reason = stripped[len("error:") :].strip()
-    if not reason:
-        lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
-        reason = lines[-1] if lines else "unknown error"
-    return location, reason
-
-
 def _display(root: Path, path: Path) -> str:
     # The same "policies/x.rego" naming as the runtime engine, so locations agree.
     return f"{root.name}/{path.relative_to(root).as_posix()}"
-
-
-def _data_documents(root: Path) -> dict[str, Any]:
-    """``data.json`` files, each merged at the path of its directory (as OPA bundles do)."""
-    data: dict[str, Any] = {}
-    for path in sorted(root.rglob("data.json")):
-        if any(part.startswith(".") for part in path.relative_to(root).parts):
-            continue
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(
-                f"invalid JSON: {e.msg}", location=f"{_display(root, path)}:{e.lineno}:{e.colno}"
-            ) from e
-        if not isinstance(doc, dict):
-            raise ConfigError("a data.json file must hold an object", location=_display(root, path))
-        target = data
-        for part in path.parent.relative_to(root).parts:
-            target = target.setdefault(part, {})
-        target.update(doc)
-    return data
 
 
 def _load(

@@ -23,6 +23,7 @@ from gateway.config import TASK_SCHEMA, Config
 from gateway.containers.backend import ContainerBackend, ContainerHandle
 from gateway.containers.guardrails import build_spec
 from gateway.errors import (
+    AgentTimeout,
     Degraded,
     GatewayError,
     GuardrailViolation,
@@ -291,10 +292,12 @@ class TaskRouter:
                                 "input": task["input"],
                                 "deadline": task["deadline"],
                             },
-                            timeout_s,
+                            max(0.001, task["deadline"] - time.time()),
                         )
                         await self._complete(task_id, agent, reply)
-            except TimeoutError:
+            except (TimeoutError, AgentTimeout):
+                # Either clock may fire first (the task's deadline, or the HTTP read timeout
+                # set to the same deadline); both mean the agent ran out of time.
                 await self._finish(
                     task_id,
                     "timed_out",

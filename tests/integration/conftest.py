@@ -8,6 +8,7 @@ skipping them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
@@ -60,10 +61,8 @@ def agent_images(docker_api: docker.APIClient) -> Iterator[dict[str, str]]:
         yield {name: f"agent-gateway/{name}:{TAG}" for name in built}
     finally:
         for name in example_agents():
-            try:
+            with contextlib.suppress(docker.errors.APIError):
                 docker_api.remove_image(f"agent-gateway/{name}:{TAG}", force=True)
-            except docker.errors.APIError:
-                pass
 
 
 def cleanup_hub(api: docker.APIClient, hub_id: str, networks: list[str]) -> list[str]:
@@ -79,10 +78,8 @@ def cleanup_hub(api: docker.APIClient, hub_id: str, networks: list[str]) -> list
     for name in networks:
         for net in api.networks(names=[name]):
             if net["Name"] == name:
-                try:
+                with contextlib.suppress(docker.errors.APIError):
                     api.remove_network(net["Id"])
-                except docker.errors.APIError:
-                    pass
     return leftovers
 
 
@@ -107,7 +104,10 @@ async def docker_hub(
     """A hub on the real engine, as an aiohttp test client; cleans up after itself."""
     from gateway.http.app import create_app
 
-    networks = [f"agw-{RUN_ID}-{secrets.token_hex(2)}-int", f"agw-{RUN_ID}-{secrets.token_hex(2)}-egr"]
+    networks = [
+        f"agw-{RUN_ID}-{secrets.token_hex(2)}-int",
+        f"agw-{RUN_ID}-{secrets.token_hex(2)}-egr",
+    ]
     settings = make_settings(
         tmp_path,
         agents_file=registry_file(tmp_path, agent_images),

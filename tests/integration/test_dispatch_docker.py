@@ -133,7 +133,9 @@ async def test_guardrails_visible_in_docker_inspect(
     net = docker_api.inspect_network(network)
     assert net["Internal"] is True
     assert net["Options"]["com.docker.network.bridge.enable_icc"] == "false"
-    cancel = await docker_hub.delete(f"/v1/tasks/{task['task_id']}", headers=auth(keys["developer"]))
+    cancel = await docker_hub.delete(
+        f"/v1/tasks/{task['task_id']}", headers=auth(keys["developer"])
+    )
     assert (await cancel.json())["state"] == "cancelled"
     await until_no_containers(docker_api, docker_hub)
 
@@ -163,7 +165,11 @@ async def test_timeout_marks_timed_out_and_removes_container(
 ) -> None:
     resp = await docker_hub.post(
         "/v1/tasks?wait=30",
-        json={"capability": "code.eval", "input": {"expression": "1", "spin_s": 60}, "timeout_s": 3},
+        json={
+            "capability": "code.eval",
+            "input": {"expression": "1", "spin_s": 60},
+            "timeout_s": 3,
+        },
         headers=auth(keys["developer"]),
     )
     body = await resp.json()

@@ -243,7 +243,7 @@ async def test_timeout_marks_task_timed_out_and_removes_container(
         headers=auth(keys["developer"]),
     )
     body = await resp.json()
-    assert body["state"] == "timed_out", body
+    assert body["state"] == "timed_out", json.dumps(body)
     assert body["error"]["code"] == "agent_timeout"
     await _until(lambda: backend.servers == {})
 
