@@ -6,12 +6,12 @@ and the CLI and the tests drive it directly.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from typing import Any
 
 from gateway import __version__
 from gateway.agent_client import AgentClient
+from gateway.alerts import Alerts
 from gateway.config import Config, load_config
 from gateway.containers.backend import ContainerBackend
 from gateway.decisions import DecisionLog
@@ -32,6 +32,9 @@ class Hub:
     def __init__(self, settings: Settings, *, backend: ContainerBackend | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        self.alerts = Alerts(
+            hub_id=settings.hub_id, metrics=self.metrics, webhook_url=settings.alert_webhook_url
+        )
         self._backend = backend
         self._config: Config | None = None
         self.keys = KeyStore.load(settings.effective_keys_file)
@@ -79,8 +82,7 @@ class Hub:
         try:
             self.facts = await self.backend.prepare()
         except GatewayError as e:
-            self.degraded_reasons["container_engine"] = e.message
-            log.error("container engine unavailable; degraded", extra={"error": e.message})
+            self._set_cause("container_engine", e.message)
         gateway_host = s.agent_listen_host or self.facts.get("internal_gateway") or s.host
         self.router = TaskRouter(
             config=lambda: self.config,
@@ -112,6 +114,7 @@ class Hub:
         with contextlib.suppress(Exception):
             await self.router.shutdown()
         await self.agents.close()
+        await self.alerts.close()
         if self._backend is not None:
             await self._backend.close()
         await self.store.close()
@@ -164,31 +167,43 @@ class Hub:
         for name in ("normal", "degraded"):
             self.metrics.mode.labels(name).set(1 if self.mode == name else 0)
 
+    def _set_cause(self, cause: str, message: str | None) -> None:
+        """Record (message) or clear (None) a cause of degraded mode, with its alert."""
+        if message is None:
+            if self.degraded_reasons.pop(cause, None) is not None:
+                self.alerts.resolve(f"degraded_{cause}")
+        else:
+            self.degraded_reasons[cause] = message
+            self.alerts.raise_alert(
+                f"degraded_{cause}", f"degraded mode: {message}", severity="critical"
+            )
+        self._update_mode_metric()
+
     async def probe_engine(self) -> None:
         """Re-check the container engine and leave or enter degraded mode accordingly."""
         try:
             await self.backend.ping()
             if not self.facts:
                 self.facts = await self.backend.prepare()
-            self.degraded_reasons.pop("container_engine", None)
+            self._set_cause("container_engine", None)
         except GatewayError as e:
-            self.degraded_reasons["container_engine"] = e.message
-        self._update_mode_metric()
+            self._set_cause("container_engine", e.message)
 
     # -- reload and status
 
     async def reload(self) -> dict[str, Any]:
         """Load the files again; on any error keep the current config and report it."""
-        loop = asyncio.get_running_loop()
-        del loop
         try:
             new = self._load()
         except ConfigError as e:
             self.last_reload_error = {"message": e.message, "location": e.location}
-            log.error("reload refused", extra=self.last_reload_error)
+            self.alerts.raise_alert(
+                "reload_failed", f"reload refused: {e}", location=e.location or ""
+            )
             raise
         self._config = new
         self.last_reload_error = None
+        self.alerts.resolve("reload_failed")
         await self.store.record_registry(
             new.registry_revision, new.registry.source, new.registry.to_json()
         )
@@ -220,4 +235,5 @@ class Hub:
             "running_tasks": self.router.running,
             "agents": sorted(self.config.registry.agents),
             "last_reload_error": self.last_reload_error,
+            "alerts": self.alerts.to_json(),
         }

@@ -41,6 +41,8 @@ class Settings:
     # Extra address the hub listens on for agents (the internal network's gateway); None
     # means "discover it from the Docker network".
     agent_listen_host: str | None = None
+    # Alertmanager-compatible endpoint (e.g. http://alertmanager:9093/api/v2/alerts).
+    alert_webhook_url: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
