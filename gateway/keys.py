@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,32 @@ class KeyStore:
     def __init__(self, path: Path, records: dict[str, KeyRecord] | None = None) -> None:
         self.path = Path(path)
         self._records = records or {}
+        self._mtime = self._stat()
+        self._checked = time.monotonic()
+
+    def _stat(self) -> float | None:
+        try:
+            return self.path.stat().st_mtime
+        except OSError:
+            return None
+
+    def refresh(self, *, every_s: float = 1.0) -> None:
+        """Pick up keys added by ``agent-gateway keys create`` while the hub runs.
+
+        Checks the file's mtime at most every ``every_s``; a broken file keeps the old keys.
+        """
+        now = time.monotonic()
+        if now - self._checked < every_s:
+            return
+        self._checked = now
+        mtime = self._stat()
+        if mtime == self._mtime:
+            return
+        try:
+            fresh = KeyStore.load(self.path)
+        except ConfigError:
+            return
+        self._records, self._mtime = fresh._records, mtime
 
     @classmethod
     def load(cls, path: Path) -> KeyStore:
@@ -138,6 +165,7 @@ class KeyStore:
 
     def authenticate(self, key: str | None) -> Subject:
         """The subject owning ``key``, or Unauthorized saying what is wrong."""
+        self.refresh()
         if not key:
             raise Unauthorized("missing API key (send 'Authorization: Bearer <key>')")
         match = KEY_RE.match(key)
