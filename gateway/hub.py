@@ -15,10 +15,12 @@ from gateway.alerts import Alerts
 from gateway.config import Config, load_config
 from gateway.containers.backend import ContainerBackend
 from gateway.decisions import DecisionLog
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import ConfigError, Degraded, GatewayError
 from gateway.keys import KeyStore
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
+from gateway.monitor import Monitor
+from gateway.recovery import RecoveryReport, recover
 from gateway.routers.tasks import RouterOptions, TaskRouter
 from gateway.settings import Settings
 from gateway.store import Store
@@ -46,6 +48,10 @@ class Hub:
         self.forced_mode: str | None = None
         self.degraded_reasons: dict[str, str] = {}
         self.last_reload_error: dict[str, Any] | None = None
+        self.hub_id = settings.hub_id
+        self.monitor = Monitor(self)
+        self.recovered = False
+        self.last_recovery: RecoveryReport | None = None
 
     # -- lifecycle
 
@@ -56,19 +62,26 @@ class Hub:
 
     @property
     def config(self) -> Config:
-        assert self._config is not None, "hub not started"
+        """The configuration in force; Degraded (503) while no valid one was ever loaded."""
+        if self._config is None:
+            raise Degraded(
+                "no valid configuration is loaded: "
+                + self.degraded_reasons.get("policy", "not started"),
+                headers={"Retry-After": "5"},
+            )
         return self._config
 
     async def start(self) -> None:
         """Load files, open the store, reach the container engine, clear leftovers."""
         s = self.settings
-        self._config = self._load()
         self.store = Store(s.db_path)
-        await self.store.record_registry(
-            self.config.registry_revision,
-            self.config.registry.source,
-            self.config.registry.to_json(),
-        )
+        self.probe_policy()
+        if self._config is not None:
+            await self.store.record_registry(
+                self.config.registry_revision,
+                self.config.registry.source,
+                self.config.registry.to_json(),
+            )
         self.decisions = DecisionLog(self.store, hub_id=s.hub_id, metrics=self.metrics)
         await self.decisions.start()
         if self._backend is None:
@@ -82,7 +95,7 @@ class Hub:
         try:
             self.facts = await self.backend.prepare()
         except GatewayError as e:
-            self._set_cause("container_engine", e.message)
+            self.set_cause("container_engine", e.message)
         gateway_host = s.agent_listen_host or self.facts.get("internal_gateway") or s.host
         self.router = TaskRouter(
             config=lambda: self.config,
@@ -102,15 +115,15 @@ class Hub:
         self.router.dispatch_observer = lambda agent, secs: self.metrics.dispatch_seconds.labels(
             agent
         ).observe(secs)
-        await self._reconcile()
+        if "container_engine" not in self.degraded_reasons:
+            await self.recover()
+        self.monitor.start()
         self._update_mode_metric()
-        log.info(
-            "hub started",
-            extra={"hub_id": s.hub_id, "policy_revision": self.config.policy_revision},
-        )
+        log.info("hub started", extra={"hub_id": s.hub_id, "mode": self.mode})
 
     async def stop(self) -> None:
-        """Stop runners (removing their containers), then close clients and the store."""
+        """Stop monitors and runners (containers stay for the next start), close the rest."""
+        await self.monitor.stop()
         with contextlib.suppress(Exception):
             await self.router.shutdown()
         await self.agents.close()
@@ -125,20 +138,24 @@ class Hub:
             agents_file=s.agents_file, schemas_dir=s.schemas_dir, policies_dir=s.policies_dir
         )
 
-    async def _reconcile(self) -> None:
-        # Tasks left active by a previous run of this state directory cannot be resumed
-        # yet; they end as failed with the reason, and their containers are removed.
-        for task in await self.store.active_tasks():
-            with contextlib.suppress(GatewayError):
-                await self.store.transition(
-                    task["id"],
-                    "failed",
-                    allowed_from=("pending", "dispatched", "running"),
-                    error={"code": "hub_restarted", "message": "the hub restarted during the task"},
-                )
-            if task.get("container_id") and "container_engine" not in self.degraded_reasons:
-                with contextlib.suppress(GatewayError):
-                    await self.backend.remove(task["container_id"])
+    async def recover(self) -> RecoveryReport | None:
+        """Reconcile unfinished tasks with the engine's containers (once per start)."""
+        if self._config is None:
+            return None
+        self.last_recovery = await recover(self)
+        self.recovered = True
+        return self.last_recovery
+
+    def probe_policy(self) -> None:
+        """Load the files if no valid configuration is in force yet (degraded until then)."""
+        if self._config is not None:
+            return
+        try:
+            self._config = self._load()
+        except ConfigError as e:
+            self.set_cause("policy", f"{e.location}: {e.message}" if e.location else e.message)
+            return
+        self.set_cause("policy", None)
 
     # -- modes
 
@@ -167,7 +184,7 @@ class Hub:
         for name in ("normal", "degraded"):
             self.metrics.mode.labels(name).set(1 if self.mode == name else 0)
 
-    def _set_cause(self, cause: str, message: str | None) -> None:
+    def set_cause(self, cause: str, message: str | None) -> None:
         """Record (message) or clear (None) a cause of degraded mode, with its alert."""
         if message is None:
             if self.degraded_reasons.pop(cause, None) is not None:
@@ -185,9 +202,9 @@ class Hub:
             await self.backend.ping()
             if not self.facts:
                 self.facts = await self.backend.prepare()
-            self._set_cause("container_engine", None)
+            self.set_cause("container_engine", None)
         except GatewayError as e:
-            self._set_cause("container_engine", e.message)
+            self.set_cause("container_engine", e.message)
 
     # -- reload and status
 
@@ -230,10 +247,11 @@ class Hub:
             "mode": self.mode,
             "forced_mode": self.forced_mode,
             "degraded_reasons": self.degraded_reasons,
-            "revisions": self.revisions(),
+            "revisions": self.revisions() if self._config else None,
             "tasks": counts,
             "running_tasks": self.router.running,
-            "agents": sorted(self.config.registry.agents),
+            "agents": sorted(self.config.registry.agents) if self._config else [],
+            "last_recovery": self.last_recovery.to_json() if self.last_recovery else None,
             "last_reload_error": self.last_reload_error,
             "alerts": self.alerts.to_json(),
         }

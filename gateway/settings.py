@@ -41,6 +41,12 @@ class Settings:
     # Extra address the hub listens on for agents (the internal network's gateway); None
     # means "discover it from the Docker network".
     agent_listen_host: str | None = None
+    # Recovery and monitoring.
+    max_attempts: int = 3
+    probe_interval_s: float = 2.0
+    watchdog_window_s: float = 60.0
+    orphan_scan_interval_s: float = 30.0
+    orphan_grace_s: float = 30.0
     # Alertmanager-compatible endpoint (e.g. http://alertmanager:9093/api/v2/alerts).
     alert_webhook_url: str | None = None
 

@@ -63,6 +63,8 @@ class FakeBackend:
     started: list[ContainerSpec] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     servers: dict[str, Any] = field(default_factory=dict)
+    labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
     fail_start: bool = False
     start_delay_s: float = 0.0
     _ids: Any = field(default_factory=lambda: itertools.count(1))
@@ -83,7 +85,16 @@ class FakeBackend:
         server = agent.serve_in_thread()
         cid = f"fake{next(self._ids)}"
         self.servers[cid] = server
+        self.labels[cid] = dict(spec.labels)
+        self.ports[cid] = server.server_port
         return ContainerHandle(id=cid, name=spec.name, address="127.0.0.1", port=server.server_port)
+
+    async def attach(self, container_id: str, port: int) -> ContainerHandle:
+        if container_id not in self.servers:
+            raise AgentUnavailable(f"no container {container_id}")
+        return ContainerHandle(
+            id=container_id, name=container_id, address="127.0.0.1", port=self.ports[container_id]
+        )
 
     async def is_running(self, container_id: str) -> bool:
         return container_id in self.servers
@@ -96,7 +107,10 @@ class FakeBackend:
             self.removed.append(container_id)
 
     async def list_managed(self, hub_id: str | None = None) -> list[dict[str, Any]]:
-        return [{"id": cid, "name": cid, "labels": {}, "state": "running"} for cid in self.servers]
+        return [
+            {"id": cid, "name": cid, "labels": self.labels.get(cid, {}), "state": "running"}
+            for cid in self.servers
+        ]
 
     async def close(self) -> None:
         for cid in list(self.servers):

@@ -71,6 +71,10 @@ class ContainerBackend(Protocol):
         """Create and start a container; raise AgentUnavailable on engine errors."""
         ...
 
+    async def attach(self, container_id: str, port: int) -> ContainerHandle:
+        """A handle to an existing container (after a hub restart)."""
+        ...
+
     async def is_running(self, container_id: str) -> bool:
         """Whether the container still runs (False when it exited or is gone)."""
         ...

@@ -187,6 +187,21 @@ class DockerBackend:
 
         return await self._call(f"start {spec.name}", run)
 
+    async def attach(self, container_id: str, port: int) -> ContainerHandle:
+        """A handle to a running container, read back from the engine."""
+
+        def run(c: docker.APIClient) -> ContainerHandle:
+            info = c.inspect_container(container_id)
+            networks = info["NetworkSettings"]["Networks"] or {}
+            address = next((n["IPAddress"] for n in networks.values() if n.get("IPAddress")), "")
+            if not address:
+                raise AgentUnavailable(f"container {container_id[:12]} has no address")
+            return ContainerHandle(
+                id=info["Id"], name=info["Name"].lstrip("/"), address=address, port=port
+            )
+
+        return await self._call("attach", run)
+
     async def is_running(self, container_id: str) -> bool:
         def run(c: docker.APIClient) -> bool:
             try:
@@ -225,6 +240,7 @@ class DockerBackend:
                     "name": (item.get("Names") or ["?"])[0].lstrip("/"),
                     "labels": item.get("Labels") or {},
                     "state": item.get("State"),
+                    "created": item.get("Created"),
                 }
                 for item in c.containers(all=True, filters={"label": labels})
             ]

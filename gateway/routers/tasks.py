@@ -104,6 +104,7 @@ class TaskRouter:
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._done: dict[str, asyncio.Event] = {}
         self._removals: set[asyncio.Task[None]] = set()
+        self._detaching = False
         self.dispatch_observer: Callable[[str, float], None] | None = None
 
     # -- submission
@@ -258,14 +259,27 @@ class TaskRouter:
     # -- the life of one task
 
     def _start_runner(
-        self, task: dict[str, Any], agent: AgentSpec, sandbox: dict[str, Any]
+        self,
+        task: dict[str, Any],
+        agent: AgentSpec,
+        sandbox: dict[str, Any],
+        attach_to: str | None = None,
     ) -> None:
         self._done[task["id"]] = asyncio.Event()
-        runner = asyncio.create_task(self._run(task, agent, sandbox), name=f"task-{task['id']}")
+        runner = asyncio.create_task(
+            self._run(task, agent, sandbox, attach_to), name=f"task-{task['id']}"
+        )
         self._runners[task["id"]] = runner
         runner.add_done_callback(lambda _: self._runners.pop(task["id"], None))
 
-    async def _run(self, task: dict[str, Any], agent: AgentSpec, sandbox: dict[str, Any]) -> None:
+    async def _run(
+        self,
+        task: dict[str, Any],
+        agent: AgentSpec,
+        sandbox: dict[str, Any],
+        attach_to: str | None = None,
+    ) -> None:
+        """Drive one task to a terminal state; ``attach_to`` resumes in a running container."""
         task_id = task["id"]
         handle: ContainerHandle | None = None
         start = time.monotonic()
@@ -274,14 +288,18 @@ class TaskRouter:
             try:
                 async with asyncio.timeout(max(0.0, task["deadline"] - time.time())):
                     async with self._slots:
-                        spec = self._spec(agent, sandbox, task_id, timeout_s)
-                        await self._move(task_id, "dispatched", ("pending",))
-                        handle = await self.backend.start(spec)
-                        await self.store.update_task(
-                            task_id, container_id=handle.id, container_name=handle.name
-                        )
+                        if attach_to is not None:
+                            handle = await self.backend.attach(attach_to, agent.port)
+                        else:
+                            spec = self._spec(agent, sandbox, task_id, timeout_s)
+                            await self._move(task_id, "dispatched", ("pending",))
+                            handle = await self.backend.start(spec)
+                            await self.store.update_task(
+                                task_id, container_id=handle.id, container_name=handle.name
+                            )
                         await self.agents.wait_ready(handle, self.options.ready_timeout_s)
-                        await self._move(task_id, "running", ("dispatched",))
+                        if task["state"] != "running" or attach_to is None:
+                            await self._move(task_id, "running", ("dispatched",))
                         if self.dispatch_observer:
                             self.dispatch_observer(agent.name, time.monotonic() - start)
                         reply = await self.agents.post(
@@ -304,10 +322,11 @@ class TaskRouter:
                     error={"code": "agent_timeout", "message": f"no result within {timeout_s:g} s"},
                 )
             except asyncio.CancelledError:
-                # cancel() already recorded the state; make sure the container goes.
-                if handle is not None:
+                # Cancelled by cancel() (which recorded the state): the container goes. By
+                # shutdown: it stays, to be re-attached by the next start (or end at its TTL).
+                if handle is not None and not self._detaching:
                     await self._remove_soon(handle)
-                    handle = None
+                handle = None
                 raise
             except GatewayError as e:
                 await self._finish(task_id, "failed", error=e.to_json()["error"])
@@ -379,6 +398,35 @@ class TaskRouter:
         if event is not None:
             event.set()
 
+    # -- recovery after a restart
+
+    def reattach(self, task: dict[str, Any], agent: AgentSpec, container_id: str) -> None:
+        """Resume a task whose container still runs: hand the task over again (agents
+        answer a repeated task id with the one result) and record the outcome."""
+        log.info("re-attaching", extra={"task_id": task["id"], "container": container_id})
+        self._start_runner(task, agent, task.get("sandbox") or {}, attach_to=container_id)
+
+    async def redispatch(self, task: dict[str, Any], agent: AgentSpec, reason: str) -> None:
+        """Start a task again from pending (its container never ran it, or is gone)."""
+        if task["state"] != "pending":
+            task = await self.store.transition(
+                task["id"],
+                "pending",
+                allowed_from=("dispatched", "running"),
+                detail=reason,
+                attempts=int(task.get("attempts") or 0) + 1,
+                container_id=None,
+                container_name=None,
+            )
+        else:
+            await self.store.update_task(task["id"], attempts=int(task.get("attempts") or 0) + 1)
+        log.info("re-dispatching", extra={"task_id": task["id"], "reason": reason})
+        self._start_runner(task, agent, task.get("sandbox") or {})
+
+    async def end(self, task_id: str, state: str, error: dict[str, Any]) -> None:
+        """Put a task that cannot go on in a terminal state (used by recovery)."""
+        await self._finish(task_id, state, error=error)
+
     # -- queries and control
 
     async def get(self, task_id: str, subject: Subject) -> dict[str, Any]:
@@ -420,7 +468,8 @@ class TaskRouter:
         return await self.store.get_task(task_id)
 
     async def shutdown(self) -> None:
-        """Stop every runner and remove its container (tasks stay as they are in the store)."""
+        """Stop every runner, leaving tasks and their containers for the next start."""
+        self._detaching = True
         runners = list(self._runners.values())
         for runner in runners:
             runner.cancel()

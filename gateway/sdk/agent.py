@@ -68,6 +68,9 @@ class Agent:
         self.name = name or os.environ.get("AGENT_NAME", "agent")
         self._task: TaskHandler | None = None
         self._message: MessageHandler | None = None
+        self._lock = threading.Lock()
+        self._results: dict[str, tuple[int, dict[str, Any]]] = {}
+        self._running: dict[str, threading.Event] = {}
         self.started = time.time()
 
     def task(self, func: TaskHandler) -> TaskHandler:
@@ -89,10 +92,39 @@ class Agent:
         )
 
     def handle_task(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        """Run the task handler on a request body; return (status, response body)."""
+        """Run the task handler on a request body; return (status, response body).
+
+        Idempotent per ``task_id``: a hub that restarted while the task ran hands it over
+        again and gets the one result (waiting for it if it is still being computed), so a
+        task's work is never done twice in one container.
+        """
         if self._task is None:
             return 501, _error("not_implemented", "this agent takes no tasks")
-        return _call(lambda: {"output": self._task(body.get("input"), self.context(body))})
+        task_id = body.get("task_id")
+        if not task_id:
+            return _call(lambda: {"output": self._task(body.get("input"), self.context(body))})
+        with self._lock:
+            done = self._results.get(task_id)
+            running = self._running.get(task_id)
+            if done is None and running is None:
+                running = self._running[task_id] = threading.Event()
+                owner = True
+            else:
+                owner = False
+        if done is not None:
+            return done
+        assert running is not None
+        if not owner:
+            running.wait()
+            return self._results[task_id]
+        result = _call(lambda: {"output": self._task(body.get("input"), self.context(body))})
+        with self._lock:
+            self._results[task_id] = result
+            while len(self._results) > 64:
+                self._results.pop(next(iter(self._results)))
+            self._running.pop(task_id, None)
+        running.set()
+        return result
 
     def handle_message(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         if self._message is None:

@@ -1,0 +1,133 @@
+"""Restart recovery: reconcile every unfinished task with the containers that still exist.
+
+Runs once when the hub starts, after config is loaded and before new work is accepted:
+
+- deadline passed                          -> ``timed_out``; its container is removed
+- its container still runs                 -> re-attached: the task is handed over again and
+                                              the agent answers with its one result
+- no container, or one that exited          -> re-dispatched from ``pending`` within the retry
+                                              budget (the reason is in the task's history),
+                                              else ``failed``
+- its agent is no longer in the registry    -> ``failed``
+
+Containers labelled with this hub's id that no unfinished task owns are orphans: alerted,
+then removed. The same scan runs periodically (``gateway.monitor``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from gateway.containers.backend import LABEL_TASK
+from gateway.errors import GatewayError
+from gateway.logs import get_logger
+
+if TYPE_CHECKING:
+    from gateway.hub import Hub
+
+log = get_logger("recovery")
+
+
+@dataclass
+class RecoveryReport:
+    """What recovery did, by outcome (task ids), plus the orphans it removed."""
+
+    reattached: list[str] = field(default_factory=list)
+    redispatched: list[str] = field(default_factory=list)
+    timed_out: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "reattached": len(self.reattached),
+            "redispatched": len(self.redispatched),
+            "timed_out": len(self.timed_out),
+            "failed": len(self.failed),
+            "orphans_removed": len(self.orphans),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+async def recover(hub: Hub) -> RecoveryReport:
+    """Reconcile the store with the container engine; see the module docstring."""
+    started = time.perf_counter()
+    report = RecoveryReport()
+    router = hub.router
+    registry = hub.config.registry
+    containers = await hub.backend.list_managed(hub.hub_id)
+    by_task: dict[str, dict[str, Any]] = {}
+    for c in containers:
+        by_task.setdefault(c["labels"].get(LABEL_TASK, ""), c)
+    now = time.time()
+    for task in await hub.store.active_tasks():
+        container = by_task.pop(task["id"], None)
+        agent = registry.agents.get(task["agent"])
+        if task["deadline"] <= now:
+            await router.end(
+                task["id"],
+                "timed_out",
+                {"code": "agent_timeout", "message": "deadline passed while the hub was down"},
+            )
+            report.timed_out.append(task["id"])
+            if container is not None:
+                await _remove(hub, container)
+            continue
+        if agent is None:
+            await router.end(
+                task["id"],
+                "failed",
+                {"code": "unknown_agent", "message": f"agent {task['agent']!r} left the registry"},
+            )
+            report.failed.append(task["id"])
+            if container is not None:
+                await _remove(hub, container)
+            continue
+        if container is not None and container.get("state") == "running":
+            router.reattach(task, agent, container["id"])
+            report.reattached.append(task["id"])
+            continue
+        if container is not None:
+            await _remove(hub, container)
+        attempts = int(task.get("attempts") or 0)
+        if attempts >= hub.settings.max_attempts:
+            await router.end(
+                task["id"],
+                "failed",
+                {
+                    "code": "retry_budget_exhausted",
+                    "message": f"not finished after {attempts + 1} attempts",
+                },
+            )
+            report.failed.append(task["id"])
+            continue
+        reason = (
+            "re-dispatched after a hub restart: "
+            + ("its container had exited" if container is not None else "no container ran it")
+            + f" (attempt {attempts + 2})"
+        )
+        await router.redispatch(task, agent, reason)
+        report.redispatched.append(task["id"])
+    for orphan in by_task.values():
+        report.orphans.append(orphan["name"])
+        hub.alerts.raise_alert(
+            "orphan_container",
+            f"removed container {orphan['name']} that no task owns",
+            container=orphan["name"],
+        )
+        await _remove(hub, orphan)
+    report.seconds = time.perf_counter() - started
+    log.info("recovery done", extra=report.to_json())
+    return report
+
+
+async def _remove(hub: Hub, container: dict[str, Any]) -> None:
+    try:
+        await hub.backend.remove(container["id"])
+    except GatewayError as e:
+        log.warning(
+            "could not remove container", extra={"container": container["name"], "error": e.message}
+        )
