@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,9 @@ class Alerts:
         self.resolved: list[Alert] = []
         self._pending: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
+        # Persists alerts (the hub points it at the store); failures are only logged,
+        # since an alert about an unwritable store must still be raised.
+        self.sink: Callable[[dict[str, Any]], Awaitable[None]] | None = None
 
     def raise_alert(
         self, name: str, message: str, *, severity: str = "warning", **details: Any
@@ -108,15 +112,26 @@ class Alerts:
         }
 
     def _notify(self, alert: Alert) -> None:
-        if not self.webhook_url:
-            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        task = loop.create_task(self._post([alert.to_alertmanager(self.hub_id)]))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        jobs: list[Awaitable[None]] = []
+        if self.webhook_url:
+            jobs.append(self._post([alert.to_alertmanager(self.hub_id)]))
+        if self.sink is not None:
+            jobs.append(self._persist(alert.to_json()))
+        for job in jobs:
+            task = loop.create_task(job)  # type: ignore[arg-type]
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _persist(self, alert: dict[str, Any]) -> None:
+        assert self.sink is not None
+        try:
+            await self.sink(alert)
+        except Exception as e:
+            log.warning("could not persist alert", extra={"alert": alert["name"], "error": str(e)})
 
     async def _post(self, payload: list[dict[str, Any]]) -> None:
         assert self.webhook_url is not None

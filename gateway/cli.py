@@ -30,6 +30,35 @@ def _state(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _remote(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=os.environ.get("AGENT_GATEWAY_URL", "http://127.0.0.1:8080"))
+    p.add_argument(
+        "--key", default=os.environ.get("AGENT_GATEWAY_KEY"), help="API key (operator role)"
+    )
+
+
+def call_hub(args: argparse.Namespace, method: str, path: str, body: Any = None) -> int:
+    """One request to a running hub; prints the JSON answer; exit 0 on 2xx."""
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(args.url.rstrip("/") + path, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    if args.key:
+        request.add_header("Authorization", f"Bearer {args.key}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            print(json.dumps(json.loads(resp.read() or b"{}"), indent=2))
+            return 0
+    except urllib.error.HTTPError as e:
+        print(e.read().decode(errors="replace"), file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as e:
+        print(f"error: cannot reach {args.url}: {e}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agent-gateway", description="A policy-first gateway for agents in containers."
@@ -43,8 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-body", type=int, default=1024 * 1024, help="request body limit (bytes)"
     )
-    serve.add_argument("--hub-id", default=None, help="stable id for this hub's containers")
+    serve.add_argument(
+        "--hub-id", default=None, help="id for this hub's containers (default: kept in state dir)"
+    )
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--probe-interval", type=float, default=2.0, help="monitor period (s)")
+    serve.add_argument("--watchdog-window", type=float, default=60.0, help="stall alert (s)")
+    serve.add_argument("--ttl-grace", type=int, default=60, help="container TTL past timeout")
+    serve.add_argument("--max-attempts", type=int, default=3, help="dispatch retry budget")
+    serve.add_argument("--alert-webhook", default=None, help="Alertmanager-compatible URL")
+
+    mode = sub.add_parser("mode", help="put a running hub in normal or degraded mode")
+    mode.add_argument("mode", choices=["normal", "degraded", "auto"])
+    _remote(mode)
     _state(serve)
     _paths(serve)
 
@@ -139,7 +179,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         schemas_dir=args.schemas,
         policies_dir=args.policies,
         max_body_bytes=args.max_body,
-        **({"hub_id": args.hub_id} if args.hub_id else {}),
+        hub_id=args.hub_id or persistent_hub_id(args.state_dir),
+        probe_interval_s=args.probe_interval,
+        watchdog_window_s=args.watchdog_window,
+        container_ttl_grace_s=args.ttl_grace,
+        max_attempts=args.max_attempts,
+        alert_webhook_url=args.alert_webhook,
     )
     app = create_app(settings)
 
@@ -167,6 +212,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
     return 0
+
+
+def persistent_hub_id(state_dir: Path) -> str:
+    """The hub id kept in the state directory, so a restart recognises its containers."""
+    import secrets
+
+    path = Path(state_dir) / "hub-id"
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hub_id = "hub-" + secrets.token_hex(4)
+    path.write_text(hub_id + "\n")
+    return hub_id
+
+
+def cmd_mode(args: argparse.Namespace) -> int:
+    return call_hub(args, "POST", "/v1/admin/mode", {"mode": args.mode})
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -261,6 +323,7 @@ COMMANDS = {
     "agents": cmd_agents,
     "tasks": cmd_tasks,
     "decisions": cmd_decisions,
+    "mode": cmd_mode,
 }
 
 if __name__ == "__main__":

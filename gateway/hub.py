@@ -75,8 +75,12 @@ class Hub:
         """Load files, open the store, reach the container engine, clear leftovers."""
         s = self.settings
         self.store = Store(s.db_path)
+        self.alerts.sink = self.store.record_alert
         self.probe_policy()
         if self._config is not None:
+            await self.store.record_policy_revision(
+                self.config.policy_revision, list(self.config.policy.modules)
+            )
             await self.store.record_registry(
                 self.config.registry_revision,
                 self.config.registry.source,
@@ -221,6 +225,8 @@ class Hub:
         self._config = new
         self.last_reload_error = None
         self.alerts.resolve("reload_failed")
+        self.set_cause("policy", None)
+        await self.store.record_policy_revision(new.policy_revision, list(new.policy.modules))
         await self.store.record_registry(
             new.registry_revision, new.registry.source, new.registry.to_json()
         )

@@ -109,8 +109,28 @@ def _m001_initial(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m002_revisions_and_alerts(db: sqlite_utils.Database) -> None:
+    db["policy_revisions"].create(
+        {"revision": str, "loaded_at": str, "modules": str}, pk="revision"
+    )
+    db["alerts"].create(
+        {
+            "id": int,
+            "name": str,
+            "severity": str,
+            "message": str,
+            "details": str,
+            "started_at": str,
+            "resolved_at": str,
+        },
+        pk="id",
+    )
+    db["alerts"].create_index(["name", "resolved_at"])
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_initial", _m001_initial),
+    ("002_revisions_and_alerts", _m002_revisions_and_alerts),
 ]
 
 
@@ -411,6 +431,42 @@ class Store:
             }
 
         return await self.read(q)
+
+    # -- revisions and alerts
+
+    async def record_policy_revision(self, revision: str, modules: list[str]) -> None:
+        """Remember a policy revision that was put in force (idempotent)."""
+
+        def tx(db: sqlite_utils.Database) -> None:
+            db["policy_revisions"].insert(
+                {"revision": revision, "loaded_at": utcnow(), "modules": json.dumps(modules)},
+                ignore=True,
+            )
+
+        await self.write(tx)
+
+    async def record_alert(self, alert: dict[str, Any]) -> None:
+        """Persist an alert raised, or its resolution (matched by name)."""
+
+        def tx(db: sqlite_utils.Database) -> None:
+            if alert.get("resolved_at"):
+                db.execute(
+                    "UPDATE alerts SET resolved_at = ? WHERE name = ? AND resolved_at IS NULL",
+                    [alert["resolved_at"], alert["name"]],
+                )
+                return
+            db["alerts"].insert(
+                {
+                    "name": alert["name"],
+                    "severity": alert["severity"],
+                    "message": alert["message"],
+                    "details": json.dumps(alert.get("details") or {}, default=str),
+                    "started_at": alert["started_at"],
+                    "resolved_at": None,
+                }
+            )
+
+        await self.write(tx)
 
     # -- registry
 
