@@ -9,12 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.policy.engine import DISPATCH_QUERY, RegorusPolicy
+from gateway.policy.engine import DISPATCH_QUERY, MESSAGES_QUERY, RegorusPolicy
 from gateway.registry import Registry, load_registry
 from gateway.revision import revision_of
 from gateway.schemas import SchemaSet
 
 TASK_SCHEMA = "task.schema.json"
+MESSAGE_SCHEMA = "messages/envelope.schema.json"
+RESULT_SCHEMA = "task.result.schema.json"
 
 
 @dataclass(frozen=True)
@@ -38,10 +40,11 @@ def load_config(
 ) -> Config:
     """Load and cross-check every file; raise ConfigError (file:line) on the first problem."""
     schemas = SchemaSet.load(schemas_dir)
-    if not schemas.has(TASK_SCHEMA):
-        from gateway.errors import ConfigError
+    for required in (TASK_SCHEMA, MESSAGE_SCHEMA, RESULT_SCHEMA):
+        if not schemas.has(required):
+            from gateway.errors import ConfigError
 
-        raise ConfigError(f"missing {TASK_SCHEMA}", location=str(schemas_dir))
+            raise ConfigError(f"missing {required}", location=str(schemas_dir))
     registry = load_registry(agents_file, schemas, display=Path(agents_file).name)
     policy_revision = str(revision_of([Path(policies_dir)]))
     policy = RegorusPolicy.load(
@@ -49,7 +52,7 @@ def load_config(
         data={"agents": registry.to_json()},
         revision=policy_revision,
         budget_ms=policy_budget_ms,
-        required=(DISPATCH_QUERY,),
+        required=(DISPATCH_QUERY, MESSAGES_QUERY),
     )
     return Config(
         registry=registry,

@@ -83,6 +83,18 @@ class PolicyDenied(Forbidden):
     code = "policy_denied"
 
 
+class DelegationTooDeep(Forbidden):
+    """A delegation would nest tasks deeper than the hub's limit."""
+
+    code = "delegation_too_deep"
+
+
+class NotTaskOwner(Forbidden):
+    """A result was posted by a container instance that is not running the task."""
+
+    code = "not_task_owner"
+
+
 class NotFound(GatewayError):
     code, status = "not_found", 404
 
@@ -103,6 +115,16 @@ class UnknownDecision(NotFound):
     code = "unknown_decision"
 
 
+class UnknownTopic(NotFound):
+    code = "unknown_topic"
+
+
+class UnknownMessageKind(NotFound):
+    """No schema under ``schemas/messages/kinds/`` for a message's ``kind``."""
+
+    code = "unknown_message_kind"
+
+
 class MethodNotAllowed(GatewayError):
     code, status = "method_not_allowed", 405
 
@@ -117,6 +139,12 @@ class IdempotencyConflict(Conflict):
 
 class InvalidState(Conflict):
     code = "invalid_state"
+
+
+class AgentNotRunning(Conflict):
+    """The target agent is in the registry but no container of it is running."""
+
+    code = "agent_not_running"
 
 
 class PayloadTooLarge(GatewayError):
@@ -192,15 +220,20 @@ ERROR_CODES: dict[str, int] = {
         RevokedToken,
         Forbidden,
         PolicyDenied,
+        DelegationTooDeep,
+        NotTaskOwner,
         NotFound,
         UnknownAgent,
         UnknownCapability,
         UnknownTask,
         UnknownDecision,
+        UnknownTopic,
+        UnknownMessageKind,
         MethodNotAllowed,
         Conflict,
         IdempotencyConflict,
         InvalidState,
+        AgentNotRunning,
         PayloadTooLarge,
         UnsupportedMediaType,
         TooManyRequests,

@@ -49,6 +49,16 @@ class Settings:
     orphan_grace_s: float = 30.0
     # Alertmanager-compatible endpoint (e.g. http://alertmanager:9093/api/v2/alerts).
     alert_webhook_url: str | None = None
+    # Agent identities (JWT-SVIDs): the audience tokens are minted for, their lifetime
+    # (agents renew through the hub), and extra trusted bundles as (trust domain, JWKS file).
+    svid_audience: str = "agent-gateway"
+    svid_ttl_s: int = 300
+    trust_bundles: tuple[tuple[str, Path], ...] = ()
+    # Agent-to-agent messages: default and maximum wait for a reply, and how deep
+    # delegated tasks may nest below the task a user submitted.
+    message_timeout_s: float = 10.0
+    max_message_timeout_s: float = 120.0
+    max_delegation_depth: int = 3
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -61,6 +71,15 @@ class Settings:
             raise SettingsError("default_timeout_s: must be positive")
         if self.docker_workers < 1:
             raise SettingsError("docker_workers: must be at least 1")
+        if not 1 <= self.svid_ttl_s <= 3600:
+            raise SettingsError("svid_ttl_s: must be within 1..3600")
+        if not 0 < self.message_timeout_s <= self.max_message_timeout_s:
+            raise SettingsError("message_timeout_s: must be positive and <= max_message_timeout_s")
+        if self.max_delegation_depth < 0:
+            raise SettingsError("max_delegation_depth: must be 0 or more")
+        for domain, bundle in self.trust_bundles:
+            if not Path(bundle).is_file():
+                raise SettingsError(f"trust_bundles: {bundle} (for {domain}) is not a file")
         for name in ("agents_file",):
             path = getattr(self, name)
             if not Path(path).is_file():

@@ -126,6 +126,7 @@ def _m002_revisions_and_alerts(db: sqlite_utils.Database) -> None:
         pk="id",
     )
     db["alerts"].create_index(["name", "resolved_at"])
+    db["_probe"].create({"id": int, "at": str, "pad": bytes}, pk="id")
 
 
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
@@ -253,8 +254,17 @@ class Store:
         self._readers.shutdown(wait=True)
 
     async def ping_write(self) -> None:
-        """A cheap write, used as the health probe for 'store writable'."""
-        await self.write(lambda db: db.execute("CREATE TEMP TABLE IF NOT EXISTS _probe(x)"))
+        """A real write to the database file (a few pages), the probe for 'store writable'.
+
+        It appends to the WAL like any task write, so a full disk or a read-only file
+        fails it the same way.
+        """
+        await self.write(
+            lambda db: db.execute(
+                "INSERT OR REPLACE INTO _probe (id, at, pad) VALUES (1, ?, zeroblob(8192))",
+                [utcnow()],
+            )
+        )
 
     # -- tasks
 

@@ -65,6 +65,7 @@ class FakeBackend:
     servers: dict[str, Any] = field(default_factory=dict)
     labels: dict[str, dict[str, str]] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
+    exited: set[str] = field(default_factory=set)
     fail_start: bool = False
     start_delay_s: float = 0.0
     _ids: Any = field(default_factory=lambda: itertools.count(1))
@@ -108,7 +109,12 @@ class FakeBackend:
 
     async def list_managed(self, hub_id: str | None = None) -> list[dict[str, Any]]:
         return [
-            {"id": cid, "name": cid, "labels": self.labels.get(cid, {}), "state": "running"}
+            {
+                "id": cid,
+                "name": cid,
+                "labels": self.labels.get(cid, {}),
+                "state": "exited" if cid in self.exited else "running",
+            }
             for cid in self.servers
         ]
 

@@ -290,6 +290,10 @@ class TaskRouter:
                     async with self._slots:
                         if attach_to is not None:
                             handle = await self.backend.attach(attach_to, agent.port)
+                            # The crash may have come before the id was recorded.
+                            await self.store.update_task(
+                                task_id, container_id=handle.id, container_name=handle.name
+                            )
                         else:
                             spec = self._spec(agent, sandbox, task_id, timeout_s)
                             await self._move(task_id, "dispatched", ("pending",))

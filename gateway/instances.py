@@ -1,0 +1,168 @@
+"""Live agent instances: which containers the hub runs now, under which identity.
+
+The task router opens an instance before it starts a container (minting the JWT-SVID the
+container receives), marks it ready once the agent answers ``/health``, and closes it when
+the task ends (revoking the token before the container is removed). The message router
+reads the registry to find recipients, the sender's task and its lineage. Nothing here
+knows about HTTP or Docker.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gateway.containers.backend import ContainerHandle
+from gateway.keys import Subject
+from gateway.logs import get_logger
+
+log = get_logger("instances")
+SVID_ENV = "AGENT_SVID"
+
+
+@dataclass(frozen=True, slots=True)
+class LineageEntry:
+    """One ancestor of a delegated task: the task and the agent that ran it."""
+
+    task_id: str
+    agent: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"task_id": self.task_id, "agent": self.agent}
+
+
+@dataclass(slots=True)
+class Instance:
+    """One agent container run by this hub (``handle`` is set once it answers /health)."""
+
+    instance_id: str
+    agent: str
+    task_id: str
+    subject: Subject
+    spiffe_id: str
+    lineage: tuple[LineageEntry, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    handle: ContainerHandle | None = None
+
+    @property
+    def depth(self) -> int:
+        """How many delegations separate this task from the task a user submitted."""
+        return len(self.lineage)
+
+    def child_lineage(self) -> tuple[LineageEntry, ...]:
+        """The lineage of a task this instance delegates."""
+        return (*self.lineage, LineageEntry(self.task_id, self.agent))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "instance_id": self.instance_id,
+            "agent": self.agent,
+            "task_id": self.task_id,
+            "spiffe_id": self.spiffe_id,
+            "ready": self.handle is not None,
+            "address": self.handle.base_url if self.handle else None,
+            "lineage": [e.to_json() for e in self.lineage],
+        }
+
+
+class Minter(Protocol):
+    """What the registry needs from the identity service."""
+
+    def mint_env(self, agent: str, instance_id: str) -> tuple[str, dict[str, str]]:
+        """Mint a token for the instance; return (spiffe id, env vars carrying it)."""
+        ...
+
+    def revoke(self, instance_id: str) -> None:
+        """Refuse the instance's tokens from now on."""
+        ...
+
+
+class InstanceRegistry:
+    """The instances of this hub, by id and by task; a token is valid only while listed."""
+
+    def __init__(self, minter: Minter | None = None) -> None:
+        self.minter = minter
+        self._by_id: dict[str, Instance] = {}
+        self._by_task: dict[str, Instance] = {}
+        self._turn = 0  # round-robin position for picking among instances of one agent
+
+    # -- lifecycle (driven by the task router)
+
+    def open(
+        self,
+        *,
+        agent: str,
+        task_id: str,
+        subject: Subject,
+        lineage: tuple[LineageEntry, ...] = (),
+    ) -> Instance:
+        """Register a starting instance and mint its identity (before the container starts)."""
+        instance_id = uuid.uuid4().hex
+        spiffe_id, env = "", {}
+        if self.minter is not None:
+            spiffe_id, env = self.minter.mint_env(agent, instance_id)
+        inst = Instance(
+            instance_id=instance_id,
+            agent=agent,
+            task_id=task_id,
+            subject=subject,
+            spiffe_id=spiffe_id,
+            lineage=lineage,
+            env=env,
+        )
+        self._by_id[instance_id] = inst
+        self._by_task[task_id] = inst
+        return inst
+
+    def ready(self, instance: Instance, handle: ContainerHandle) -> None:
+        """The container answers: messages may be routed to it from now on."""
+        if instance.instance_id in self._by_id:
+            instance.handle = handle
+
+    def close(self, instance: Instance) -> None:
+        """Forget the instance and revoke its tokens (its container is about to go)."""
+        self._by_id.pop(instance.instance_id, None)
+        if self._by_task.get(instance.task_id) is instance:
+            del self._by_task[instance.task_id]
+        instance.handle = None
+        if self.minter is not None:
+            self.minter.revoke(instance.instance_id)
+
+    # -- queries
+
+    def is_active(self, instance_id: str) -> bool:
+        """Whether tokens of ``instance_id`` may still be used."""
+        return instance_id in self._by_id
+
+    def get(self, instance_id: str | None) -> Instance | None:
+        return self._by_id.get(instance_id) if instance_id else None
+
+    def for_task(self, task_id: str) -> Instance | None:
+        """The instance running ``task_id``, if any."""
+        return self._by_task.get(task_id)
+
+    def running(self, agent: str | None = None, *, exclude: str | None = None) -> list[Instance]:
+        """Ready instances (of ``agent`` if given), without the one called ``exclude``."""
+        return [
+            i
+            for i in self._by_id.values()
+            if i.handle is not None
+            and (agent is None or i.agent == agent)
+            and i.instance_id != exclude
+        ]
+
+    def pick(self, agent: str, *, exclude: str | None = None) -> Instance | None:
+        """One ready instance of ``agent`` (round robin), never ``exclude``; None if none."""
+        found = self.running(agent, exclude=exclude)
+        if not found:
+            return None
+        self._turn += 1
+        return found[self._turn % len(found)]
+
+    def __iter__(self) -> Iterator[Instance]:
+        return iter(list(self._by_id.values()))
+
+    def __len__(self) -> int:
+        return len(self._by_id)

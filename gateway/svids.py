@@ -1,0 +1,92 @@
+"""The hub's identity service: mint, verify, renew and revoke agents' JWT-SVIDs.
+
+Wraps ``gateway.identity`` (issuer and verifier) with what the hub decides: where the
+signing keys live (``<state-dir>/svid-keys``), the audience, the token lifetime, which other
+trust domains are trusted (JWKS files, e.g. from a SPIRE server), and which container
+instances are alive (a token is refused once its instance is closed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import ConfigError, InvalidToken, Unauthorized
+from gateway.identity import IssuedSvid, SvidIssuer, TokenVerifier, VerifiedIdentity
+from gateway.instances import SVID_ENV
+from gateway.logs import get_logger
+
+log = get_logger("svids")
+KEY_DIR = "svid-keys"
+
+
+class AgentIdentities:
+    """One issuer (this hub's trust domain) and one verifier (it plus extra bundles)."""
+
+    def __init__(self, issuer: SvidIssuer, verifier: TokenVerifier, *, ttl_s: int = 300) -> None:
+        if not 0 < ttl_s <= issuer.max_ttl_s:
+            raise ValueError(f"ttl_s must be in 1..{issuer.max_ttl_s}")
+        self.issuer = issuer
+        self.verifier = verifier
+        self.ttl_s = ttl_s
+
+    @classmethod
+    def create(
+        cls,
+        state_dir: Path,
+        *,
+        trust_domain: str,
+        audience: str,
+        ttl_s: int,
+        bundles: tuple[tuple[str, Path], ...] = (),
+        is_active: Callable[[str], bool] | None = None,
+    ) -> AgentIdentities:
+        """Load (or make) the signing key under ``state_dir`` and trust the extra bundles."""
+        issuer = SvidIssuer(Path(state_dir) / KEY_DIR, trust_domain, audience)
+        verifier = TokenVerifier(audience, is_instance_active=is_active)
+        verifier.track_issuer(issuer)
+        for domain, path in bundles:
+            if domain == issuer.trust_domain:
+                # A second bundle for our own domain would replace the hub's keys.
+                raise ConfigError(
+                    f"trust bundle for {domain!r} is the hub's own trust domain", location=str(path)
+                )
+            verifier.load_bundle_file(Path(path), domain)
+        return cls(issuer, verifier, ttl_s=ttl_s)
+
+    @property
+    def trust_domain(self) -> str:
+        return self.issuer.trust_domain
+
+    def mint_env(self, agent: str, instance_id: str) -> tuple[str, dict[str, str]]:
+        """A token for a container about to start: (its SPIFFE id, env vars carrying it)."""
+        svid = self.issuer.mint(agent, instance_id, ttl_s=self.ttl_s)
+        return svid.spiffe_id, {SVID_ENV: svid.token}
+
+    def verify(self, token: str | None) -> VerifiedIdentity:
+        """The verified identity in ``token``; an Unauthorized subclass otherwise."""
+        if not token:
+            raise Unauthorized("no token was presented (send 'Authorization: Bearer <JWT-SVID>')")
+        return self.verifier.verify(token)
+
+    def is_local(self, ident: VerifiedIdentity) -> bool:
+        """Whether this hub minted the token (for one of its containers)."""
+        return ident.trust_domain == self.trust_domain and ident.instance_id is not None
+
+    def renew(self, token: str | None) -> IssuedSvid:
+        """A fresh token for the same agent and instance, given a still-valid one."""
+        ident = self.verify(token)
+        if not self.is_local(ident) or ident.agent is None or ident.instance_id is None:
+            raise InvalidToken("only tokens this hub issued to its containers can be renewed")
+        svid = self.issuer.mint(ident.agent, ident.instance_id, ttl_s=self.ttl_s)
+        log.info("svid renewed", extra={"agent": ident.agent, "instance_id": ident.instance_id})
+        return svid
+
+    def revoke(self, instance_id: str) -> None:
+        """Refuse every token of ``instance_id`` (its container stopped)."""
+        self.verifier.revoke_instance(instance_id)
+
+    def bundle(self) -> dict[str, Any]:
+        """This hub's JWT bundle as a SPIFFE JWKS document."""
+        return {**self.issuer.jwks(), "spiffe_refresh_hint": self.ttl_s // 2}

@@ -1,0 +1,131 @@
+# Agent-to-agent messages: may this sender send this message to this target?
+#
+# The hub verifies the sender's JWT-SVID before asking, and passes only what it verified.
+# input:  {"source":  {"spiffe_id", "trust_domain", "agent", "instance_id", "task_id",
+#                      "local": bool (a container of this hub), "depth",
+#                      "lineage": [{"task_id", "agent"}] (ancestors, the user's task first)},
+#          "message": {...envelope: type, to?, topic?, kind, payload, task_id?...},
+#          "target":  {"type": "agent", "agent": {...registry entry...}}
+#                   | {"type": "topic", "topic", "subscribers": [agent names]}}
+# data:   data.agents (the registry) and data.config.messages (policies/data.json)
+# output: decision = {"allow": bool, "reasons": [string]}
+package gateway.messages
+
+import rego.v1
+
+cfg := data.config.messages
+
+sender := input.source.agent
+
+msg_type := input.message.type
+
+kind := input.message.kind
+
+# --- who is sending -------------------------------------------------------------------
+
+known_sender if input.source.local == true
+
+known_sender if input.source.spiffe_id in cfg.external_senders
+
+deny contains msg if {
+	not known_sender
+	msg := sprintf("sender %q is neither a container of this hub nor a trusted external sender", [input.source.spiffe_id])
+}
+
+deny contains "only an agent running a task may delegate" if {
+	msg_type == "delegate"
+	not input.source.local == true
+}
+
+# --- to an agent: request, broadcast (one decision per recipient), delegate ------------
+
+deny contains msg if {
+	input.target.type == "agent"
+	not route_allowed
+	msg := sprintf("agent %q may not send %s messages of kind %q to %q", [sender, msg_type, kind, input.target.agent.name])
+}
+
+deny contains msg if {
+	input.target.type == "agent"
+	msg_type != "delegate"
+	input.target.agent.name in cfg.protected_agents
+	msg := sprintf("agent %q only takes tasks, not messages", [input.target.agent.name])
+}
+
+route_allowed if {
+	some rule in cfg.routes
+	matches(rule.from, sender)
+	matches(rule.to, input.target.agent.name)
+	matches(rule.types, msg_type)
+	matches(object.get(rule, "kinds", ["*"]), kind)
+}
+
+# --- to a topic: events ---------------------------------------------------------------
+
+deny contains msg if {
+	input.target.type == "topic"
+	not publisher
+	msg := sprintf("agent %q may not publish %q events to topic %q", [sender, kind, input.target.topic])
+}
+
+publisher if {
+	rule := cfg.topics[input.target.topic]
+	matches(rule.publishers, sender)
+	matches(object.get(rule, "kinds", ["*"]), kind)
+}
+
+# --- task lineage ---------------------------------------------------------------------
+
+lineage_tasks contains t.task_id if some t in input.source.lineage
+
+lineage_tasks contains input.source.task_id if input.source.task_id
+
+lineage_agents contains t.agent if some t in input.source.lineage
+
+lineage_agents contains sender if msg_type == "delegate"
+
+# A message may speak for the sender's own task or an ancestor of it, nothing else.
+deny contains msg if {
+	input.message.task_id
+	not input.message.task_id in lineage_tasks
+	msg := sprintf("task %q is not in the sender's task lineage", [input.message.task_id])
+}
+
+# No delegation cycles: an agent already in the lineage cannot be delegated to again.
+deny contains msg if {
+	msg_type == "delegate"
+	input.target.agent.name in lineage_agents
+	msg := sprintf("delegating to %q would form a cycle in the task lineage", [input.target.agent.name])
+}
+
+# --- helpers and the answer -----------------------------------------------------------
+
+matches(patterns, _) if "*" in patterns
+
+matches(patterns, value) if value in patterns
+
+# Allowed only with a positive match for the sender and the target and no objection, so a
+# missing or malformed input field can never allow by leaving a deny rule undefined.
+default allow := false
+
+allow if {
+	known_sender
+	target_allowed
+	count(deny) == 0
+}
+
+target_allowed if {
+	input.target.type == "agent"
+	route_allowed
+}
+
+target_allowed if {
+	input.target.type == "topic"
+	publisher
+}
+
+decision := {"allow": true, "reasons": ["allowed"]} if {
+	allow
+} else := {"allow": false, "reasons": deny} if {
+	count(deny) > 0
+} else := {"allow": false, "reasons": ["the message matches no allowed scope"]}
