@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -24,6 +25,13 @@ class AgentReplyError(AgentError):
 
     def __init__(self, message: str, *, status: int, agent_error: Any = None) -> None:
         super().__init__(message, details={"agent_status": status, "agent_error": agent_error})
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The agent answered 202: it will report the result later (``POST /v1/tasks/{id}/result``)."""
+
+    body: Any
 
 
 class AgentClient:
@@ -65,7 +73,7 @@ class AgentClient:
     async def post(
         self, handle: ContainerHandle, path: str, body: dict[str, Any], timeout_s: float
     ) -> Any:
-        """POST JSON to the agent; return the decoded reply body of a 200."""
+        """POST JSON to the agent; return the decoded body of a 200, or Accepted for a 202."""
         try:
             async with self.session.post(
                 handle.base_url + path,
@@ -83,6 +91,8 @@ class AgentClient:
                     raise AgentReplyError(
                         f"agent replied with non-JSON (HTTP {resp.status})", status=resp.status
                     ) from None
+                if resp.status == 202:
+                    return Accepted(payload)
                 if resp.status != 200:
                     err = payload.get("error") if isinstance(payload, dict) else None
                     message = err.get("message") if isinstance(err, dict) else None

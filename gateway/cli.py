@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ttl-grace", type=int, default=60, help="container TTL past timeout")
     serve.add_argument("--max-attempts", type=int, default=3, help="dispatch retry budget")
     serve.add_argument("--alert-webhook", default=None, help="Alertmanager-compatible URL")
+    serve.add_argument("--network", default="agent-gateway-internal", help="hub-only network")
+    serve.add_argument("--egress-network", default="agent-gateway-egress")
 
     mode = sub.add_parser("mode", help="put a running hub in normal or degraded mode")
     mode.add_argument("mode", choices=["normal", "degraded", "auto"])
@@ -185,6 +187,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         container_ttl_grace_s=args.ttl_grace,
         max_attempts=args.max_attempts,
         alert_webhook_url=args.alert_webhook,
+        network=args.network,
+        egress_network=args.egress_network,
     )
     app = create_app(settings)
 

@@ -16,14 +16,17 @@ from gateway.config import Config, load_config
 from gateway.containers.backend import ContainerBackend
 from gateway.decisions import DecisionLog
 from gateway.errors import ConfigError, Degraded, GatewayError
+from gateway.instances import InstanceRegistry
 from gateway.keys import KeyStore
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.monitor import Monitor
 from gateway.recovery import RecoveryReport, recover
+from gateway.routers.messages import MessageOptions, MessageRouter
 from gateway.routers.tasks import RouterOptions, TaskRouter
 from gateway.settings import Settings
 from gateway.store import Store
+from gateway.svids import AgentIdentities
 
 log = get_logger("hub")
 
@@ -52,6 +55,10 @@ class Hub:
         self.monitor = Monitor(self)
         self.recovered = False
         self.last_recovery: RecoveryReport | None = None
+        # Containers running now, their identities (JWT-SVIDs) and the messages between them.
+        self.instances = InstanceRegistry()
+        self.identities: AgentIdentities
+        self.messages: MessageRouter
 
     # -- lifecycle
 
@@ -101,6 +108,15 @@ class Hub:
         except GatewayError as e:
             self.set_cause("container_engine", e.message)
         gateway_host = s.agent_listen_host or self.facts.get("internal_gateway") or s.host
+        self.identities = AgentIdentities.create(
+            s.state_dir,
+            trust_domain=s.trust_domain,
+            audience=s.svid_audience,
+            ttl_s=s.svid_ttl_s,
+            bundles=s.trust_bundles,
+            is_active=self.instances.is_active,
+        )
+        self.instances.minter = self.identities
         self.router = TaskRouter(
             config=lambda: self.config,
             store=self.store,
@@ -115,6 +131,20 @@ class Hub:
                 max_running=s.max_running_containers,
             ),
             can_dispatch=self.dispatch_blocker,
+            instances=self.instances,
+        )
+        self.messages = MessageRouter(
+            config=lambda: self.config,
+            instances=self.instances,
+            decisions=self.decisions,
+            agents=self.agents,
+            tasks=self.router,
+            trust_domain=self.identities.trust_domain,
+            options=MessageOptions(
+                timeout_s=s.message_timeout_s,
+                max_timeout_s=s.max_message_timeout_s,
+                max_delegation_depth=s.max_delegation_depth,
+            ),
         )
         self.router.dispatch_observer = lambda agent, secs: self.metrics.dispatch_seconds.labels(
             agent

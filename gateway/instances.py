@@ -97,12 +97,18 @@ class InstanceRegistry:
         task_id: str,
         subject: Subject,
         lineage: tuple[LineageEntry, ...] = (),
+        instance_id: str | None = None,
     ) -> Instance:
-        """Register a starting instance and mint its identity (before the container starts)."""
-        instance_id = uuid.uuid4().hex
+        """Register a starting instance and mint its identity (before the container starts).
+
+        With ``instance_id`` (a container re-attached after a restart) nothing is minted: the
+        container still holds its token, which becomes valid again.
+        """
         spiffe_id, env = "", {}
-        if self.minter is not None:
-            spiffe_id, env = self.minter.mint_env(agent, instance_id)
+        if instance_id is None:
+            instance_id = uuid.uuid4().hex
+            if self.minter is not None:
+                spiffe_id, env = self.minter.mint_env(agent, instance_id)
         inst = Instance(
             instance_id=instance_id,
             agent=agent,

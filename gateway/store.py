@@ -129,9 +129,15 @@ def _m002_revisions_and_alerts(db: sqlite_utils.Database) -> None:
     db["_probe"].create({"id": int, "at": str, "pad": bytes}, pk="id")
 
 
+def _m003_task_instance(db: sqlite_utils.Database) -> None:
+    # The container instance (and so the JWT-SVID) that runs the task.
+    db["tasks"].add_column("instance_id", str)
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_initial", _m001_initial),
     ("002_revisions_and_alerts", _m002_revisions_and_alerts),
+    ("003_task_instance", _m003_task_instance),
 ]
 
 

@@ -9,6 +9,7 @@ labels, TTL) is applied here to every container.
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any
 
@@ -90,7 +91,9 @@ def build_spec(
         LABEL_EXPIRES: str(int(time.time()) + ttl),
     }
     return ContainerSpec(
-        name=f"agw-{agent.name}-{task_id[:12]}",
+        # A fresh suffix per start: a container left by a hub killed mid-create must not
+        # block the task's re-dispatch with a name conflict.
+        name=f"agw-{agent.name}-{task_id[:8]}-{secrets.token_hex(3)}",
         image=agent.image,
         port=agent.port,
         env=env,

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from gateway.containers.backend import ContainerBackend
 from gateway.errors import BadRequest, ConfigError, GatewayError, InvalidConfig
+from gateway.http.agent_routes import agent_get_task, presents_svid, setup_agent_routes
 from gateway.http.middlewares import KEYS, MAX_BODY, authenticate, error_middleware, read_json
 from gateway.http.openapi import openapi_document
 from gateway.hub import Hub
@@ -115,6 +116,8 @@ async def submit_task(request: web.Request) -> web.Response:
 
 @routes.get("/v1/tasks/{task_id}")
 async def get_task(request: web.Request) -> web.Response:
+    if presents_svid(request):  # an agent polling a task it delegated
+        return await agent_get_task(request)
     hub = request.app[HUB]
     subject = authenticate(request)
     wait = _float_param(request, "wait", 0, hub.settings.max_wait_s)
@@ -295,6 +298,7 @@ def create_app(settings: Settings, *, backend: ContainerBackend | None = None) -
     app[KEYS] = hub.keys
     app[MAX_BODY] = settings.max_body_bytes
     app.add_routes(routes)
+    setup_agent_routes(app, hub)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await hub.start()

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gateway.agent_client import AgentClient
+from gateway.agent_client import Accepted, AgentClient, AgentReplyError
 from gateway.config import TASK_SCHEMA, Config
 from gateway.containers.backend import ContainerBackend, ContainerHandle
 from gateway.containers.guardrails import build_spec
@@ -32,6 +32,7 @@ from gateway.errors import (
     SchemaViolation,
     UnknownTask,
 )
+from gateway.instances import Instance, InstanceRegistry, LineageEntry
 from gateway.keys import Subject
 from gateway.logs import bound, get_logger
 from gateway.policy.engine import DISPATCH_QUERY, Decision
@@ -92,6 +93,7 @@ class TaskRouter:
         decisions: DecisionSink,
         options: RouterOptions,
         can_dispatch: Callable[[], str | None] = lambda: None,
+        instances: InstanceRegistry | None = None,
     ) -> None:
         self._config = config
         self.store = store
@@ -105,6 +107,9 @@ class TaskRouter:
         self._done: dict[str, asyncio.Event] = {}
         self._removals: set[asyncio.Task[None]] = set()
         self._detaching = False
+        # Live containers and their identities; results reported later by agents (202).
+        self.instances = instances or InstanceRegistry()
+        self._reports: dict[str, asyncio.Future[Any]] = {}
         self.dispatch_observer: Callable[[str, float], None] | None = None
 
     # -- submission
@@ -116,8 +121,12 @@ class TaskRouter:
         *,
         request: dict[str, Any],
         idempotency_key: str | None = None,
+        parent: Instance | None = None,
     ) -> tuple[dict[str, Any], bool]:
-        """Accept a task or raise; returns (task, created). Nothing starts unless allowed."""
+        """Accept a task or raise; returns (task, created). Nothing starts unless allowed.
+
+        ``parent`` is the instance delegating this task (its child runs in its lineage).
+        """
         config = self._config()
         config.schemas.validate(TASK_SCHEMA, envelope, what="task")
         req_hash = request_hash(envelope)
@@ -158,11 +167,13 @@ class TaskRouter:
                 "labels": envelope.get("labels"),
                 "attempts": 0,
                 "idempotency_key": idempotency_key,
+                "parent_id": parent.task_id if parent else None,
             }
             idem = (subject.id, idempotency_key, req_hash) if idempotency_key else None
             task, created = await self.store.create_task(row, idem)
             if created:
-                self._start_runner(task, agent, sandbox)
+                lineage = parent.child_lineage() if parent else ()
+                self._start_runner(task, agent, sandbox, subject=subject, lineage=lineage)
             return task, created
         assert first_error is not None
         raise first_error
@@ -244,7 +255,14 @@ class TaskRouter:
         assert sandbox is not None
         return decision_id, sandbox
 
-    def _spec(self, agent: AgentSpec, sandbox: Any, task_id: str, timeout_s: float) -> Any:
+    def _spec(
+        self,
+        agent: AgentSpec,
+        sandbox: Any,
+        task_id: str,
+        timeout_s: float,
+        env: dict[str, str] | None = None,
+    ) -> Any:
         return build_spec(
             agent=agent,
             sandbox=sandbox,
@@ -254,6 +272,7 @@ class TaskRouter:
             timeout_s=timeout_s,
             ttl_grace_s=self.options.ttl_grace_s,
             gateway_url=self.options.gateway_url,
+            extra_env=env,
         )
 
     # -- the life of one task
@@ -264,10 +283,14 @@ class TaskRouter:
         agent: AgentSpec,
         sandbox: dict[str, Any],
         attach_to: str | None = None,
+        *,
+        subject: Subject | None = None,
+        lineage: tuple[LineageEntry, ...] = (),
     ) -> None:
         self._done[task["id"]] = asyncio.Event()
         runner = asyncio.create_task(
-            self._run(task, agent, sandbox, attach_to), name=f"task-{task['id']}"
+            self._run(task, agent, sandbox, attach_to, subject=subject, lineage=lineage),
+            name=f"task-{task['id']}",
         )
         self._runners[task["id"]] = runner
         runner.add_done_callback(lambda _: self._runners.pop(task["id"], None))
@@ -278,16 +301,32 @@ class TaskRouter:
         agent: AgentSpec,
         sandbox: dict[str, Any],
         attach_to: str | None = None,
+        *,
+        subject: Subject | None = None,
+        lineage: tuple[LineageEntry, ...] = (),
     ) -> None:
         """Drive one task to a terminal state; ``attach_to`` resumes in a running container."""
         task_id = task["id"]
         handle: ContainerHandle | None = None
+        # After a restart the submitter's roles are not known: delegations then carry none.
+        subject = subject or Subject(id=task.get("subject") or "", roles=(), key_id="")
+        instance: Instance | None = None
         start = time.monotonic()
         timeout_s = float(task["timeout_s"])
         with bound(task_id=task_id, decision_id=task["decision_id"], agent=agent.name):
             try:
                 async with asyncio.timeout(max(0.0, task["deadline"] - time.time())):
                     async with self._slots:
+                        # The identity exists before the container, so the container starts
+                        # with its token (a re-attached one keeps its own); closing the
+                        # instance revokes it.
+                        instance = self.instances.open(
+                            agent=agent.name,
+                            task_id=task_id,
+                            subject=subject,
+                            lineage=lineage,
+                            instance_id=task.get("instance_id") if attach_to else None,
+                        )
                         if attach_to is not None:
                             handle = await self.backend.attach(attach_to, agent.port)
                             # The crash may have come before the id was recorded.
@@ -295,17 +334,23 @@ class TaskRouter:
                                 task_id, container_id=handle.id, container_name=handle.name
                             )
                         else:
-                            spec = self._spec(agent, sandbox, task_id, timeout_s)
+                            spec = self._spec(agent, sandbox, task_id, timeout_s, instance.env)
                             await self._move(task_id, "dispatched", ("pending",))
                             handle = await self.backend.start(spec)
                             await self.store.update_task(
-                                task_id, container_id=handle.id, container_name=handle.name
+                                task_id,
+                                container_id=handle.id,
+                                container_name=handle.name,
+                                instance_id=instance.instance_id,
                             )
                         await self.agents.wait_ready(handle, self.options.ready_timeout_s)
+                        self.instances.ready(instance, handle)
                         if task["state"] != "running" or attach_to is None:
                             await self._move(task_id, "running", ("dispatched",))
                         if self.dispatch_observer:
                             self.dispatch_observer(agent.name, time.monotonic() - start)
+                        # Ready before the hand-off: the agent may report before it answers.
+                        report = self._reports[task_id] = asyncio.get_running_loop().create_future()
                         reply = await self.agents.post(
                             handle,
                             agent.endpoint,
@@ -316,6 +361,10 @@ class TaskRouter:
                             },
                             max(0.001, task["deadline"] - time.time()),
                         )
+                        if isinstance(reply, Accepted):
+                            # Reported later through POST /v1/tasks/{id}/result; the task's
+                            # deadline (the enclosing timeout) still bounds the wait.
+                            reply = await report
                         await self._complete(task_id, agent, reply)
             except (TimeoutError, AgentTimeout):
                 # Either clock may fire first (the task's deadline, or the HTTP read timeout
@@ -328,7 +377,9 @@ class TaskRouter:
             except asyncio.CancelledError:
                 # Cancelled by cancel() (which recorded the state): the container goes. By
                 # shutdown: it stays, to be re-attached by the next start (or end at its TTL).
-                if handle is not None and not self._detaching:
+                if instance is not None and not self._detaching:
+                    self.instances.close(instance)
+                if handle is not None and (not self._detaching or await self._ended(task_id)):
                     await self._remove_soon(handle)
                 handle = None
                 raise
@@ -340,6 +391,12 @@ class TaskRouter:
                     task_id, "failed", error={"code": "internal_error", "message": type(e).__name__}
                 )
             finally:
+                report = self._reports.pop(task_id, None)
+                if report is not None and report.done() and not report.cancelled():
+                    report.exception()  # a result that lost the race: retrieved, not logged
+                if instance is not None and not self._detaching:
+                    # Revoked before removal: the token dies with the task, not after.
+                    self.instances.close(instance)
                 if handle is not None:
                     await self._remove_soon(handle)
                 self._signal(task_id)
@@ -382,6 +439,14 @@ class TaskRouter:
             pass  # already terminal (e.g. cancelled while the agent answered)
         self._signal(task_id)
 
+    async def _ended(self, task_id: str) -> bool:
+        """Whether the store has the task in a terminal state (its container is done)."""
+        try:
+            task = await asyncio.shield(self.store.get_task(task_id))
+        except Exception:
+            return False
+        return task["state"] in TERMINAL_STATES
+
     async def _remove_soon(self, handle: ContainerHandle) -> None:
         """Remove the container in a task of its own that a cancellation cannot interrupt."""
         removal = asyncio.create_task(self._remove(handle))
@@ -396,6 +461,26 @@ class TaskRouter:
             log.warning(
                 "could not remove container", extra={"container": handle.name, "error": e.message}
             )
+
+    def deliver_report(self, task_id: str, body: dict[str, Any]) -> None:
+        """Hand ``{"output"}`` or ``{"error"}`` reported by the agent to the task's runner.
+
+        InvalidState when the task is not waiting for one (it ended, or was answered already).
+        """
+        report = self._reports.get(task_id)
+        if report is None or report.done():
+            raise InvalidState(f"task {task_id} is not waiting for a reported result")
+        if "error" in body:
+            err = body["error"]
+            report.set_exception(
+                AgentReplyError(
+                    f"agent reported an error: {err.get('message') or err.get('code')}",
+                    status=202,
+                    agent_error=err,
+                )
+            )
+        else:
+            report.set_result(body)
 
     def _signal(self, task_id: str) -> None:
         event = self._done.pop(task_id, None)

@@ -4,5 +4,6 @@ Standard library only, so agent images need nothing but Python.
 """
 
 from gateway.sdk.agent import Agent, AgentError, TaskContext
+from gateway.sdk.client import GatewayClient, HubError
 
-__all__ = ["Agent", "AgentError", "TaskContext"]
+__all__ = ["Agent", "AgentError", "GatewayClient", "HubError", "TaskContext"]

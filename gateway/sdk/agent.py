@@ -13,10 +13,13 @@ Usage::
     if __name__ == "__main__":
         agent.run()
 
-The hub starts the container with ``AGENT_PORT``, ``AGENT_NAME``, ``AGENT_TASK_ID`` and
-``GATEWAY_URL`` in its environment. ``python3 agent.py --once`` reads one task input (JSON)
-from stdin and prints the output, which is how the benchmark runs the same work without
-the hub.
+The hub starts the container with ``AGENT_PORT``, ``AGENT_NAME``, ``AGENT_TASK_ID``,
+``GATEWAY_URL`` and ``AGENT_SVID`` (its JWT-SVID) in its environment; ``ctx.client`` (a
+``GatewayClient``) uses the last two to send messages, delegate and report results.
+``@agent.message`` answers messages routed by the hub; ``@agent.background_task`` answers
+``POST /task`` with 202 at once and reports the result when the function returns.
+``python3 agent.py --once`` reads one task input (JSON) from stdin and prints the output,
+which is how the benchmark runs the same work without the hub.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from gateway.sdk.client import GatewayClient, HubError
 
 MAX_BODY = 8 * 1024 * 1024
 TaskHandler = Callable[[Any, "TaskContext"], Any]
@@ -55,6 +60,7 @@ class TaskContext:
     deadline: float | None = None
     gateway_url: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    client: GatewayClient | None = None
 
     def remaining_s(self) -> float | None:
         """Seconds until the hub gives up on this task, if it said."""
@@ -64,8 +70,12 @@ class TaskContext:
 class Agent:
     """An agent: register handlers with the decorators, then ``run()``."""
 
-    def __init__(self, name: str | None = None) -> None:
-        self.name = name or os.environ.get("AGENT_NAME", "agent")
+    def __init__(self, name: str | None = None, *, env: Mapping[str, str] | None = None) -> None:
+        # ``env`` stands in for os.environ (tests run several agents in one process).
+        self.env: Mapping[str, str] = os.environ if env is None else env
+        self.name = name or self.env.get("AGENT_NAME", "agent")
+        self._client: GatewayClient | None = None
+        self._background = False
         self._task: TaskHandler | None = None
         self._message: MessageHandler | None = None
         self._lock = threading.Lock()
@@ -78,17 +88,38 @@ class Agent:
         self._task = func
         return func
 
+    def background_task(self, func: TaskHandler) -> TaskHandler:
+        """Decorator: like ``task``, but ``POST /task`` is answered 202 at once and the
+        output (or AgentError) is reported later through ``POST /v1/tasks/{id}/result``."""
+        self._task = func
+        self._background = True
+        return func
+
     def message(self, func: MessageHandler) -> MessageHandler:
-        """Decorator: ``func(envelope, ctx) -> reply`` answers ``POST /message``."""
+        """Decorator: ``func(message, ctx) -> reply`` answers ``POST /message``.
+
+        ``message`` has ``type``, ``kind``, ``payload``, ``from`` (``spiffe_id``, ``agent``,
+        ``task_id``, as verified by the hub), ``message_id`` and, when set, ``topic``,
+        ``correlation_id`` and ``about_task``. The reply of a ``request`` goes back to the
+        sender; replies to events and broadcasts are dropped.
+        """
         self._message = func
         return func
+
+    @property
+    def client(self) -> GatewayClient:
+        """This agent's client for the hub (from ``GATEWAY_URL`` and ``AGENT_SVID``)."""
+        if self._client is None:
+            self._client = GatewayClient(env=self.env)
+        return self._client
 
     def context(self, body: dict[str, Any]) -> TaskContext:
         return TaskContext(
             agent=self.name,
-            task_id=body.get("task_id") or os.environ.get("AGENT_TASK_ID"),
+            task_id=body.get("task_id") or self.env.get("AGENT_TASK_ID"),
             deadline=body.get("deadline"),
-            gateway_url=os.environ.get("GATEWAY_URL"),
+            gateway_url=self.env.get("GATEWAY_URL"),
+            client=self.client,
         )
 
     def handle_task(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -101,6 +132,8 @@ class Agent:
         if self._task is None:
             return 501, _error("not_implemented", "this agent takes no tasks")
         task_id = body.get("task_id")
+        if self._background and task_id:
+            return self._start_background(task_id, body)
         if not task_id:
             return _call(lambda: {"output": self._task(body.get("input"), self.context(body))})
         with self._lock:
@@ -126,10 +159,45 @@ class Agent:
         running.set()
         return result
 
+    def _start_background(self, task_id: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            first = task_id not in self._running and task_id not in self._results
+            if first:
+                self._running[task_id] = threading.Event()
+        if first:
+            threading.Thread(target=self._run_background, args=(task_id, body), daemon=True).start()
+        return 202, {"accepted": True, "task_id": task_id}
+
+    def _run_background(self, task_id: str, body: dict[str, Any]) -> None:
+        status, result = _call(
+            lambda: {"output": self._task(body.get("input"), self.context(body))}
+        )
+        for attempt in range(5):
+            try:
+                if status == 200:
+                    self.client.report_result(task_id, result["output"])
+                else:
+                    err = result["error"]
+                    self.client.report_error(task_id, err["code"], err["message"])
+                break
+            except HubError as e:
+                if e.status not in (0, 502, 503) or attempt == 4:
+                    print(f"reporting task {task_id} failed: {e}", file=sys.stderr)
+                    break
+                time.sleep(0.5 * (attempt + 1))
+        with self._lock:
+            self._results[task_id] = (202, {"accepted": True, "task_id": task_id})
+            event = self._running.pop(task_id, None)
+        if event is not None:
+            event.set()
+
     def handle_message(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Run the message handler on a delivered message; return (status, response body)."""
         if self._message is None:
             return 501, _error("not_implemented", "this agent takes no messages")
-        return _call(lambda: {"reply": self._message(body, self.context(body))})
+        # The context is this agent's own task, not the sender's.
+        ctx = self.context({})
+        return _call(lambda: {"reply": self._message(body, ctx)})
 
     def run(self, host: str = "0.0.0.0", port: int | None = None) -> None:
         """Serve until the container stops; ``--once`` runs one task from stdin instead."""
@@ -138,7 +206,7 @@ class Agent:
             json.dump(body.get("output", body), sys.stdout)
             sys.stdout.write("\n")
             raise SystemExit(0 if status == 200 else 1)
-        port = port or int(os.environ.get("AGENT_PORT", "8000"))
+        port = port or int(self.env.get("AGENT_PORT", "8000"))
         server = ThreadingHTTPServer((host, port), _make_handler(self))
         server.daemon_threads = True
         try:
@@ -173,6 +241,9 @@ def _make_handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "agent-gateway-sdk"
+        # Headers and body go out in two writes: without TCP_NODELAY the second waits for
+        # the peer's delayed ACK (up to 40 ms) on a keep-alive connection.
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: Any) -> None:
             pass  # the hub logs every task; per-request lines here are noise

@@ -7,7 +7,7 @@ words, and the best ones are returned in their original order.
 import re
 from collections import Counter
 
-from gateway.sdk import Agent
+from gateway.sdk import Agent, AgentError
 
 agent = Agent("wordstats")
 
@@ -82,6 +82,15 @@ def stats(text: str, top: int = 5, summary_sentences: int = 2) -> dict:
 @agent.task
 def handle(input, ctx):
     return stats(input["text"], input.get("top", 5), input.get("summary_sentences", 2))
+
+
+@agent.message
+def on_message(message, ctx):
+    """A ``text.stats`` request answered directly, without a task of its own."""
+    if message["kind"] != "text.stats":
+        raise AgentError(f"wordstats answers text.stats, not {message['kind']}", code="bad_kind")
+    payload = message["payload"]
+    return stats(payload["text"], payload.get("top", 5), payload.get("summary_sentences", 2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,140 @@
+"""HTTP routes for agents (authenticated by JWT-SVID): messages, results, identity.
+
+| route | who |
+|---|---|
+| ``POST /v1/messages`` | an agent (``Authorization: Bearer <JWT-SVID>``) |
+| ``POST /v1/tasks/{task_id}/result`` | the container instance running that task |
+| ``POST /v1/identity/renew`` | an agent with a still-valid token of this hub |
+| ``GET /v1/identity/bundle`` | anyone (public keys only) |
+
+``GET /v1/tasks/{task_id}`` also accepts an agent's token (for the tasks it delegated and its
+own); ``gateway.http.app`` hands those requests to ``agent_get_task``. Parsing and
+authentication only: the routing logic is in ``gateway.routers.messages``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from aiohttp import web
+
+from gateway.errors import BadRequest, Unauthorized, UnknownTask
+from gateway.http.middlewares import read_json
+from gateway.hub import Hub
+from gateway.routers.messages import Sender, child_view
+from gateway.store import TERMINAL_STATES
+
+AGENT_HUB = web.AppKey("agent_hub", Hub)
+SENDER = "agent_sender"
+routes = web.RouteTableDef()
+
+
+def bearer_token(request: web.Request) -> str | None:
+    """The token in ``Authorization: Bearer <token>``; None when there is no header."""
+    header = request.headers.get("Authorization", "")
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise Unauthorized("Authorization header must be 'Bearer <JWT-SVID>'")
+    return value.strip()
+
+
+def presents_svid(request: web.Request) -> bool:
+    """Whether the request carries a JWT (three dot-separated parts) rather than an API key."""
+    header = request.headers.get("Authorization", "")
+    return header[:7].lower() == "bearer " and header.count(".") == 2
+
+
+def authenticate_agent(request: web.Request) -> Sender:
+    """The verified sender of the request, or an Unauthorized subclass saying why not."""
+    cached = request.get(SENDER)
+    if cached is None:
+        hub = request.app[AGENT_HUB]
+        identity = hub.identities.verify(bearer_token(request))
+        cached = request[SENDER] = hub.messages.sender(identity)
+    return cached
+
+
+def _wait(request: web.Request, hub: Hub) -> float | None:
+    raw = request.query.get("wait")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest("query parameter 'wait' must be a number") from None
+    if not 0 <= value <= hub.settings.max_wait_s:
+        raise BadRequest(f"query parameter 'wait' must be within [0, {hub.settings.max_wait_s:g}]")
+    return value
+
+
+def _request_info(request: web.Request) -> dict[str, Any]:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return {
+        "method": request.method,
+        "path": request.path,
+        "remote_addr": peer[0] if peer else None,
+        "time": dt.datetime.now(dt.UTC).isoformat(),
+    }
+
+
+@routes.post("/v1/messages")
+async def post_message(request: web.Request) -> web.Response:
+    hub = request.app[AGENT_HUB]
+    sender = authenticate_agent(request)
+    wait = _wait(request, hub)
+    body = await read_json(request)
+    status, out = await hub.messages.send(sender, body, wait_s=wait, request=_request_info(request))
+    headers = {"Location": f"/v1/tasks/{out['task_id']}"} if "task_id" in out else None
+    return web.json_response(out, status=status, headers=headers)
+
+
+@routes.post("/v1/tasks/{task_id}/result")
+async def post_result(request: web.Request) -> web.Response:
+    hub = request.app[AGENT_HUB]
+    sender = authenticate_agent(request)
+    body = await read_json(request)
+    out = await hub.messages.report_result(sender, request.match_info["task_id"], body)
+    return web.json_response(out)
+
+
+@routes.post("/v1/identity/renew")
+async def renew_identity(request: web.Request) -> web.Response:
+    hub = request.app[AGENT_HUB]
+    svid = hub.identities.renew(bearer_token(request))
+    return web.json_response(
+        {"token": svid.token, "spiffe_id": svid.spiffe_id, "expires_at": int(svid.expires_at)}
+    )
+
+
+@routes.get("/v1/identity/bundle")
+async def identity_bundle(request: web.Request) -> web.Response:
+    hub = request.app[AGENT_HUB]
+    return web.json_response(
+        hub.identities.bundle(),
+        headers={"Cache-Control": f"max-age={hub.settings.svid_ttl_s // 2}"},
+    )
+
+
+async def agent_get_task(request: web.Request) -> web.Response:
+    """``GET /v1/tasks/{task_id}`` for an agent: its own task or one it delegated."""
+    hub = request.app[AGENT_HUB]
+    sender = authenticate_agent(request)
+    task_id = request.match_info["task_id"]
+    wait = _wait(request, hub)
+    own = sender.instance.task_id if sender.instance else None
+    task = await hub.store.get_task(task_id)
+    if own is None or own not in (task["id"], task.get("parent_id")):
+        raise UnknownTask(f"no task {task_id!r}")
+    if wait and task["state"] not in TERMINAL_STATES:
+        await hub.router.wait(task_id, wait)
+        task = await hub.store.get_task(task_id)
+    return web.json_response(child_view(task))
+
+
+def setup_agent_routes(app: web.Application, hub: Hub) -> None:
+    """Add the agent-facing routes to ``app`` (called by ``gateway.http.app.create_app``)."""
+    app[AGENT_HUB] = hub
+    app.add_routes(routes)

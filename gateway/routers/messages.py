@@ -1,0 +1,457 @@
+"""The message router: agent-to-agent messages through the hub, and results reported later.
+
+For every message the hub validates the envelope and the payload of its kind, asks the
+``gateway.messages`` policy whether the (verified) sender may send it to its target, writes
+the decision to the decision log, and only then routes it:
+
+- ``request``: to one running instance of the target agent (``POST /message``); its reply
+  is returned (a timeout is a 504 and nothing is queued: the sender retries);
+- ``event``: to every running instance of the agents subscribed to the topic;
+- ``broadcast``: to every running agent the policy lets the sender reach (one decision per
+  target agent);
+- ``delegate``: a child task through the normal dispatch path, linked to the sender's task.
+
+Messages are not persisted. No HTTP here: ``gateway.http.agent_routes`` calls these methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.agent_client import Accepted, AgentClient
+from gateway.config import MESSAGE_SCHEMA, RESULT_SCHEMA, Config
+from gateway.errors import (
+    AgentNotRunning,
+    DelegationTooDeep,
+    GatewayError,
+    NotTaskOwner,
+    PolicyDenied,
+    SchemaViolation,
+    UnknownMessageKind,
+    UnknownTopic,
+)
+from gateway.identity import VerifiedIdentity
+from gateway.instances import Instance, InstanceRegistry
+from gateway.logs import bound, get_logger
+from gateway.policy.engine import MESSAGES_QUERY, Decision
+from gateway.registry import AgentSpec
+from gateway.routers.tasks import DecisionSink, TaskRouter
+from gateway.store import TERMINAL_STATES
+
+log = get_logger("messages")
+MESSAGES_PATH = "gateway/messages/decision"
+KINDS_DIR = "messages/kinds/"
+MESSAGE_ENDPOINT = "/message"
+
+
+@dataclass(frozen=True)
+class MessageOptions:
+    """Timeouts and limits (from Settings)."""
+
+    timeout_s: float = 10.0
+    max_timeout_s: float = 120.0
+    delivery_timeout_s: float = 5.0
+    max_delegation_depth: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """A verified sender; ``instance`` only for a live container this hub minted the token for."""
+
+    identity: VerifiedIdentity
+    instance: Instance | None
+
+    @property
+    def spiffe_id(self) -> str:
+        return self.identity.spiffe_id
+
+    def source(self) -> dict[str, Any]:
+        """The policy's ``input.source``: only what the hub verified or knows itself."""
+        inst = self.instance
+        return {
+            "spiffe_id": self.identity.spiffe_id,
+            "trust_domain": self.identity.trust_domain,
+            "agent": self.identity.agent,
+            "instance_id": inst.instance_id if inst else None,
+            "task_id": inst.task_id if inst else None,
+            "local": inst is not None,
+            "depth": inst.depth if inst else 0,
+            "lineage": [e.to_json() for e in inst.lineage] if inst else [],
+        }
+
+
+class MessageRouter:
+    """Validates, decides, logs and routes messages between agents."""
+
+    def __init__(
+        self,
+        *,
+        config: Callable[[], Config],
+        instances: InstanceRegistry,
+        decisions: DecisionSink,
+        agents: AgentClient,
+        tasks: TaskRouter,
+        trust_domain: str,
+        options: MessageOptions | None = None,
+    ) -> None:
+        self._config = config
+        self.instances = instances
+        self.decisions = decisions
+        self.agents = agents
+        self.tasks = tasks
+        self.trust_domain = trust_domain
+        self.options = options or MessageOptions()
+        # Registry entries as policy input, built once per loaded configuration.
+        self._targets_of: Config | None = None
+        self._targets: dict[str, dict[str, Any]] = {}
+
+    def sender(self, identity: VerifiedIdentity) -> Sender:
+        """Who sent a message: the live instance behind a token this hub minted, if any."""
+        inst = None
+        # Only our own tokens name our instances; another trust domain's claim means nothing.
+        if identity.trust_domain == self.trust_domain:
+            inst = self.instances.get(identity.instance_id)
+            if inst is not None and inst.agent != identity.agent:
+                inst = None
+        return Sender(identity, inst)
+
+    # -- messages
+
+    async def send(
+        self,
+        sender: Sender,
+        envelope: Any,
+        *,
+        wait_s: float | None = None,
+        request: dict[str, Any] | None = None,
+    ) -> tuple[int, dict[str, Any]]:
+        """Route one message; return (HTTP status, body), or raise a GatewayError."""
+        config = self._config()
+        config.schemas.validate(MESSAGE_SCHEMA, envelope, what="message")
+        kind_schema = KINDS_DIR + envelope["kind"] + ".json"
+        if not config.schemas.has(kind_schema):
+            raise UnknownMessageKind(
+                f"no schema for message kind {envelope['kind']!r} "
+                f"(expected {config.schemas.root.name}/{kind_schema})",
+                details={"pointer": "/kind"},
+            )
+        config.schemas.validate(
+            kind_schema, envelope["payload"], prefix="/payload", what=f"{envelope['kind']} payload"
+        )
+        inst = sender.instance
+        with bound(agent=sender.identity.agent, task_id=inst.task_id if inst else None):
+            kind = envelope["type"]
+            if kind == "request":
+                return await self._request(config, sender, envelope)
+            if kind == "event":
+                return await self._event(config, sender, envelope)
+            if kind == "broadcast":
+                return await self._broadcast(config, sender, envelope)
+            return await self._delegate(config, sender, envelope, wait_s, request or {})
+
+    async def _request(
+        self, config: Config, sender: Sender, envelope: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
+        target = config.registry.get(envelope["to"])
+        decision_id = await self._decide(config, sender, envelope, self._target(config, target))
+        inst = self.instances.pick(target.name, exclude=_instance_id(sender))
+        if inst is None or inst.handle is None:
+            raise AgentNotRunning(
+                f"no container of agent {target.name!r} is running; start a task for it first",
+                decision_id=decision_id,
+            )
+        timeout_s = min(
+            float(envelope.get("timeout_s") or self.options.timeout_s), self.options.max_timeout_s
+        )
+        body = _delivery(sender, envelope)
+        reply = await self.agents.post(inst.handle, MESSAGE_ENDPOINT, body, timeout_s)
+        out: dict[str, Any] = {
+            "reply": reply.get("reply") if isinstance(reply, dict) else None,
+            "from": {"agent": inst.agent, "spiffe_id": inst.spiffe_id},
+            "message_id": body["message_id"],
+            "decision_id": decision_id,
+        }
+        if isinstance(reply, Accepted):
+            out["reply"] = None
+        if "correlation_id" in envelope:
+            out["correlation_id"] = envelope["correlation_id"]
+        return 200, out
+
+    async def _event(
+        self, config: Config, sender: Sender, envelope: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
+        topic = envelope["topic"]
+        subscribers = sorted(
+            a.name for a in config.registry.agents.values() if topic in a.subscriptions
+        )
+        if not subscribers:
+            raise UnknownTopic(
+                f"no agent subscribes to topic {topic!r}",
+                details={
+                    "known": sorted(
+                        {t for a in config.registry.agents.values() for t in a.subscriptions}
+                    )
+                },
+            )
+        target = {"type": "topic", "topic": topic, "subscribers": subscribers}
+        decision_id = await self._decide(config, sender, envelope, target)
+        recipients = [
+            i
+            for name in subscribers
+            for i in self.instances.running(name, exclude=_instance_id(sender))
+        ]
+        delivered = await self._deliver_all(recipients, _delivery(sender, envelope))
+        return 202, {
+            "delivered": delivered,
+            "recipients": len(recipients),
+            "decision_id": decision_id,
+        }
+
+    async def _broadcast(
+        self, config: Config, sender: Sender, envelope: dict[str, Any]
+    ) -> tuple[int, dict[str, Any]]:
+        by_agent: dict[str, list[Instance]] = {}
+        for inst in self.instances.running(exclude=_instance_id(sender)):
+            by_agent.setdefault(inst.agent, []).append(inst)
+        allowed: list[Instance] = []
+        refused: dict[str, list[str]] = {}
+        decision_ids: list[str] = []
+        for name in sorted(by_agent):
+            spec = config.registry.agents.get(name)
+            if spec is None:
+                continue  # removed from the registry by a reload; its containers run on
+            try:
+                decision_ids.append(
+                    await self._decide(config, sender, envelope, self._target(config, spec))
+                )
+                allowed.extend(by_agent[name])
+            except PolicyDenied as e:
+                decision_ids.append(e.decision_id or "")
+                refused[name] = list(e.details.get("reasons", [])) if e.details else []
+        if refused and not allowed:
+            raise PolicyDenied(
+                "policy lets the sender reach none of the running agents",
+                details={"refused": refused},
+                decision_id=decision_ids[0],
+            )
+        delivered = await self._deliver_all(allowed, _delivery(sender, envelope))
+        return 202, {
+            "delivered": delivered,
+            "recipients": len(allowed),
+            "refused": sorted(refused),
+            "decision_ids": decision_ids,
+        }
+
+    async def _delegate(
+        self,
+        config: Config,
+        sender: Sender,
+        envelope: dict[str, Any],
+        wait_s: float | None,
+        request: dict[str, Any],
+    ) -> tuple[int, dict[str, Any]]:
+        target = config.registry.get(envelope["to"])
+        parent = sender.instance
+        limit = self.options.max_delegation_depth
+        if parent is not None and parent.depth + 1 > limit:
+            # The hub's own ceiling, whatever the policy says; still an audited decision.
+            decision = Decision(
+                allow=False,
+                reasons=(
+                    f"delegation depth {parent.depth + 1} exceeds the hub's limit of {limit}",
+                ),
+                error="depth_limit",
+            )
+            decision_id = await self._record(
+                config, sender, envelope, self._target(config, target), decision
+            )
+            raise DelegationTooDeep(
+                decision.reasons[0],
+                details={"depth": parent.depth + 1, "limit": limit, "lineage": _lineage(parent)},
+                decision_id=decision_id,
+            )
+        decision_id = await self._decide(config, sender, envelope, self._target(config, target))
+        if parent is None:
+            # The policy should have refused already: a task needs a parent to descend from.
+            raise PolicyDenied("only an agent running a task may delegate", decision_id=decision_id)
+        payload = envelope["payload"]
+        task_envelope: dict[str, Any] = {
+            "agent": target.name,
+            "input": payload["input"],
+            "labels": {"delegated_by": sender.spiffe_id, "parent_task": parent.task_id},
+        }
+        if "timeout_s" in payload:
+            task_envelope["timeout_s"] = payload["timeout_s"]
+        # On behalf of the user who submitted the root task: delegation never adds roles.
+        task, _ = await self.tasks.submit(
+            parent.subject, task_envelope, request=request, parent=parent
+        )
+        log.info(
+            "delegated",
+            extra={"child_task_id": task["id"], "to": target.name, "depth": parent.depth + 1},
+        )
+        if wait_s:
+            await self.tasks.wait(task["id"], wait_s)
+            task = await self.tasks.store.get_task(task["id"])
+        view = child_view(task)
+        view["message_decision_id"] = decision_id
+        return (200 if task["state"] in TERMINAL_STATES else 202), view
+
+    # -- results reported later
+
+    async def report_result(self, sender: Sender, task_id: str, body: Any) -> dict[str, Any]:
+        """Accept the result of ``task_id`` from the container running it (and nobody else)."""
+        config = self._config()
+        config.schemas.validate(RESULT_SCHEMA, body, what="result")
+        running = self.instances.for_task(task_id)
+        if sender.instance is None or running is None or running is not sender.instance:
+            # The same answer whether the task exists or not: no probing of task ids.
+            raise NotTaskOwner(
+                f"only the container running task {task_id!r} may report its result",
+                details={"task_id": task_id},
+            )
+        errors: list[dict[str, str]] = []
+        spec = config.registry.agents.get(running.agent)
+        if "output" in body and spec is not None:
+            errors = config.schemas.errors(spec.output_schema, body["output"], "/output")
+        self.tasks.deliver_report(task_id, body)
+        await self.tasks.wait(task_id, 5.0)
+        task = await self.tasks.store.get_task(task_id)
+        if errors:
+            # Delivered all the same: the task fails with the reason, as for a direct answer.
+            raise SchemaViolation(
+                f"output does not match {spec.output_schema if spec else 'its schema'}; "
+                f"task {task_id} is {task['state']}",
+                details=errors,
+            )
+        return {"task_id": task_id, "state": task["state"]}
+
+    # -- helpers
+
+    def _target(self, config: Config, spec: AgentSpec) -> dict[str, Any]:
+        if self._targets_of is not config:
+            self._targets_of, self._targets = config, {}
+        target = self._targets.get(spec.name)
+        if target is None:
+            target = self._targets[spec.name] = {"type": "agent", "agent": spec.to_json()}
+        return target
+
+    async def _decide(
+        self, config: Config, sender: Sender, envelope: dict[str, Any], target: dict[str, Any]
+    ) -> str:
+        """Evaluate and log the decision; PolicyDenied (with its id) when refused."""
+        policy_input = {"source": sender.source(), "message": envelope, "target": target}
+        decision = config.policy.evaluate(MESSAGES_QUERY, policy_input)
+        decision_id = await self._record(config, sender, envelope, target, decision, policy_input)
+        if not decision.allow:
+            name = _target_name(target)
+            log.info(
+                "message denied",
+                extra={"decision_id": decision_id, "to": name, "reasons": list(decision.reasons)},
+            )
+            raise PolicyDenied(
+                f"policy denied the message: {'; '.join(decision.reasons)}",
+                details={"reasons": list(decision.reasons), "target": name},
+                decision_id=decision_id,
+            )
+        return decision_id
+
+    async def _record(
+        self,
+        config: Config,
+        sender: Sender,
+        envelope: dict[str, Any],
+        target: dict[str, Any],
+        decision: Decision,
+        policy_input: dict[str, Any] | None = None,
+    ) -> str:
+        inst = sender.instance
+        return await self.decisions.record(
+            kind="message",
+            path=MESSAGES_PATH,
+            input=policy_input
+            or {"source": sender.source(), "message": envelope, "target": target},
+            decision=decision,
+            revision=config.policy_revision,
+            subject=sender.spiffe_id,
+            agent=_target_name(target) if target["type"] == "agent" else None,
+            task_id=inst.task_id if inst else None,
+        )
+
+    async def _deliver_all(self, recipients: list[Instance], body: dict[str, Any]) -> int:
+        """Post to every recipient at once; return how many answered 2xx in time."""
+        if not recipients:
+            return 0
+        results = await asyncio.gather(
+            *(self._deliver(inst, body) for inst in recipients), return_exceptions=True
+        )
+        return sum(1 for r in results if r is True)
+
+    async def _deliver(self, inst: Instance, body: dict[str, Any]) -> bool:
+        if inst.handle is None:
+            return False
+        try:
+            await self.agents.post(
+                inst.handle, MESSAGE_ENDPOINT, body, self.options.delivery_timeout_s
+            )
+        except GatewayError as e:
+            log.warning(
+                "delivery failed",
+                extra={"to": inst.agent, "instance_id": inst.instance_id, "error": e.message},
+            )
+            return False
+        return True
+
+
+def child_view(task: dict[str, Any]) -> dict[str, Any]:
+    """What a delegating agent sees of its child task."""
+    view = {
+        "task_id": task["id"],
+        "state": task["state"],
+        "agent": task["agent"],
+        "parent_id": task.get("parent_id"),
+        "decision_id": task.get("decision_id"),
+    }
+    if task.get("result") is not None:
+        view["result"] = task["result"]
+    if task.get("error") is not None:
+        view["error"] = task["error"]
+    return view
+
+
+def _delivery(sender: Sender, envelope: dict[str, Any]) -> dict[str, Any]:
+    """The body an agent's ``POST /message`` receives."""
+    inst = sender.instance
+    body: dict[str, Any] = {
+        "message_id": str(uuid.uuid4()),
+        "type": envelope["type"],
+        "kind": envelope["kind"],
+        "payload": envelope["payload"],
+        "from": {
+            "spiffe_id": sender.spiffe_id,
+            "agent": sender.identity.agent,
+            "task_id": inst.task_id if inst else None,
+        },
+    }
+    for key in ("topic", "correlation_id"):
+        if key in envelope:
+            body[key] = envelope[key]
+    if "task_id" in envelope:
+        body["about_task"] = envelope["task_id"]
+    return body
+
+
+def _instance_id(sender: Sender) -> str | None:
+    return sender.instance.instance_id if sender.instance else None
+
+
+def _target_name(target: dict[str, Any]) -> str:
+    return str(target["agent"]["name"] if target["type"] == "agent" else target["topic"])
+
+
+def _lineage(inst: Instance) -> list[dict[str, str]]:
+    return [e.to_json() for e in inst.child_lineage()]

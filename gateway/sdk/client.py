@@ -1,0 +1,277 @@
+"""The agent's client for the hub: messages, delegation, reported results, token renewal.
+
+Standard library only (``http.client``, one keep-alive connection per thread). Inside a
+container started by the hub it needs no arguments: ``GATEWAY_URL`` and ``AGENT_SVID`` come
+from the environment, and the token is renewed by itself shortly before it expires::
+
+    from gateway.sdk import GatewayClient
+
+    hub = GatewayClient()
+    reply = hub.request("wordstats", "text.stats", {"text": "Policies decide."})
+    hub.publish("notices", "notice", {"text": "done"})
+    output = hub.delegate("wordstats", {"text": "a part of a document"})
+
+Every failure the hub reports raises ``HubError`` with its status, code and message.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import threading
+import time
+import urllib.parse
+from collections.abc import Mapping
+from typing import Any
+
+DEFAULT_TIMEOUT_S = 30.0
+POLL_S = 25.0  # below the hub's default max_wait_s of 60
+# A reused keep-alive connection the server closed meanwhile fails with one of these before
+# any byte of a response: safe to send again on a fresh connection.
+_STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
+
+
+class HubError(Exception):
+    """The hub refused or failed a call: ``status``, ``code``, ``message``, ``details``."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: Any = None,
+        decision_id: str | None = None,
+    ) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+        self.decision_id = decision_id
+
+
+def token_expiry(token: str) -> float | None:
+    """The ``exp`` claim of a JWT, read without verifying it (the hub verifies)."""
+    try:
+        part = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+        exp = claims.get("exp")
+        return float(exp) if isinstance(exp, int | float) else None
+    except (IndexError, ValueError):
+        return None
+
+
+class GatewayClient:
+    """Calls the hub as this agent (``Authorization: Bearer <JWT-SVID>``). Thread-safe."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        renew_before_s: float = 60.0,
+    ) -> None:
+        env = os.environ if env is None else env
+        self.url = (url or env.get("GATEWAY_URL") or "").rstrip("/")
+        self._token = token or env.get("AGENT_SVID") or ""
+        self.timeout_s = timeout_s
+        self.renew_before_s = renew_before_s
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    @property
+    def token(self) -> str:
+        """The current JWT-SVID (renewed through the hub when it is about to expire)."""
+        exp = token_expiry(self._token)
+        if exp is not None and exp - time.time() < self.renew_before_s:
+            with self._lock:
+                if token_expiry(self._token) == exp:
+                    self._token = self._renew(self._token)
+        return self._token
+
+    # -- the calls
+
+    def request(
+        self,
+        to: str,
+        kind: str,
+        payload: Any,
+        *,
+        timeout_s: float | None = None,
+        correlation_id: str | None = None,
+        task_id: str | None = None,
+    ) -> Any:
+        """Send ``payload`` to agent ``to`` through the hub and return its reply."""
+        envelope = _envelope("request", kind, payload, to=to, correlation_id=correlation_id)
+        if timeout_s is not None:
+            envelope["timeout_s"] = timeout_s
+        if task_id is not None:
+            envelope["task_id"] = task_id
+        wait = (timeout_s or self.timeout_s) + 5
+        return self._call("POST", "/v1/messages", envelope, timeout_s=wait)[1]["reply"]
+
+    def publish(self, topic: str, kind: str, payload: Any) -> int:
+        """Publish an event to ``topic``; return how many subscribers it was delivered to."""
+        envelope = _envelope("event", kind, payload, topic=topic)
+        return int(self._call("POST", "/v1/messages", envelope)[1]["delivered"])
+
+    def broadcast(self, kind: str, payload: Any) -> int:
+        """Send to every running agent the policy lets this one reach; return the count."""
+        envelope = _envelope("broadcast", kind, payload)
+        return int(self._call("POST", "/v1/messages", envelope)[1]["delivered"])
+
+    def delegate(
+        self, to: str, input: Any, *, timeout_s: float | None = None, wait_s: float = 300.0
+    ) -> Any:
+        """Run a child task on agent ``to`` and return its output (HubError if it fails)."""
+        task = self.start_delegate(to, input, timeout_s=timeout_s, wait_s=min(wait_s, POLL_S))
+        task = self.wait_task(task, wait_s)
+        if task["state"] != "succeeded":
+            err = task.get("error") or {}
+            raise HubError(
+                200,
+                err.get("code", task["state"]),
+                f"delegated task {task['task_id']} {task['state']}: {err.get('message', '')}",
+                details={"task": task},
+            )
+        return task["result"]
+
+    def start_delegate(
+        self, to: str, input: Any, *, timeout_s: float | None = None, wait_s: float = 0
+    ) -> dict[str, Any]:
+        """Create a child task on agent ``to``; return its view (finished if within wait_s)."""
+        payload: dict[str, Any] = {"input": input}
+        if timeout_s is not None:
+            payload["timeout_s"] = timeout_s
+        query = f"?wait={wait_s:g}" if wait_s else ""
+        return self._call(
+            "POST",
+            "/v1/messages" + query,
+            _envelope("delegate", "task.delegate", payload, to=to),
+            timeout_s=wait_s + self.timeout_s,
+        )[1]
+
+    def wait_task(self, task: dict[str, Any] | str, wait_s: float) -> dict[str, Any]:
+        """Poll a delegated task until it ends or ``wait_s`` passes; return its last view."""
+        view = task if isinstance(task, dict) else {"task_id": task, "state": "pending"}
+        deadline = time.monotonic() + wait_s
+        while view["state"] in ("pending", "dispatched", "running"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            view = self.task(view["task_id"], wait_s=min(left, POLL_S))
+        return view
+
+    def task(self, task_id: str, *, wait_s: float | None = None) -> dict[str, Any]:
+        """A task this agent delegated (or its own), optionally waiting for it to end."""
+        query = f"?wait={wait_s:.3f}" if wait_s else ""
+        path = f"/v1/tasks/{urllib.parse.quote(task_id, safe='')}{query}"
+        return self._call("GET", path, None, timeout_s=(wait_s or 0) + self.timeout_s)[1]
+
+    def report_result(self, task_id: str, output: Any) -> dict[str, Any]:
+        """Report the output of a task this agent answered 202 to."""
+        path = f"/v1/tasks/{urllib.parse.quote(task_id, safe='')}/result"
+        return self._call("POST", path, {"output": output})[1]
+
+    def report_error(self, task_id: str, code: str, message: str) -> dict[str, Any]:
+        """Report that a task this agent answered 202 to failed."""
+        path = f"/v1/tasks/{urllib.parse.quote(task_id, safe='')}/result"
+        return self._call("POST", path, {"error": {"code": code, "message": message}})[1]
+
+    def renew(self) -> str:
+        """Exchange the current token for a fresh one now; return it."""
+        with self._lock:
+            self._token = self._renew(self._token)
+            return self._token
+
+    def bundle(self) -> dict[str, Any]:
+        """The hub's JWT bundle (JWKS), e.g. to check tokens of other agents."""
+        return self._call("GET", "/v1/identity/bundle", None, auth=False)[1]
+
+    # -- plumbing
+
+    def _renew(self, token: str) -> str:
+        return str(self._call("POST", "/v1/identity/renew", None, token=token)[1]["token"])
+
+    def _connection(self, timeout_s: float) -> tuple[http.client.HTTPConnection, bool]:
+        conn = getattr(self._local, "conn", None)
+        reused = conn is not None
+        if conn is None:
+            if not self.url:
+                raise HubError(0, "no_gateway", "GATEWAY_URL is not set")
+            parts = urllib.parse.urlsplit(self.url)
+            cls = (
+                http.client.HTTPSConnection
+                if parts.scheme == "https"
+                else http.client.HTTPConnection
+            )
+            conn = cls(parts.hostname or "", parts.port, timeout=timeout_s)
+            self._local.conn = conn
+        conn.timeout = timeout_s
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout_s)
+        return conn, reused
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        *,
+        timeout_s: float | None = None,
+        token: str | None = None,
+        auth: bool = True,
+    ) -> tuple[int, Any]:
+        headers = {"Accept": "application/json"}
+        if auth:
+            headers["Authorization"] = f"Bearer {token or self.token}"
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        prefix = urllib.parse.urlsplit(self.url).path if self.url else ""
+        for attempt in (1, 2):
+            conn, reused = self._connection(timeout_s or self.timeout_s)
+            try:
+                conn.request(method, prefix + path, body=data, headers=headers)
+                resp = conn.getresponse()
+                raw = resp.read()
+            except _STALE as e:
+                conn.close()
+                self._local.conn = None
+                if reused and attempt == 1:
+                    continue
+                raise HubError(0, "hub_unreachable", f"{type(e).__name__}: {e}") from e
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                self._local.conn = None
+                code = "hub_timeout" if isinstance(e, TimeoutError) else "hub_unreachable"
+                raise HubError(0, code, f"{type(e).__name__}: {e}") from e
+            if resp.will_close:
+                conn.close()
+                self._local.conn = None
+            break
+        try:
+            doc = json.loads(raw) if raw else None
+        except ValueError:
+            raise HubError(resp.status, "bad_response", "the hub answered with non-JSON") from None
+        if resp.status >= 400:
+            err = doc.get("error", {}) if isinstance(doc, dict) else {}
+            raise HubError(
+                resp.status,
+                str(err.get("code", "error")),
+                str(err.get("message", resp.reason)),
+                err.get("details"),
+                err.get("decision_id"),
+            )
+        return resp.status, doc
+
+
+def _envelope(kind_of: str, kind: str, payload: Any, **fields: Any) -> dict[str, Any]:
+    envelope = {"type": kind_of, "kind": kind, "payload": payload}
+    envelope.update({k: v for k, v in fields.items() if v is not None})
+    return envelope
