@@ -28,6 +28,7 @@ from gateway.logs import get_logger
 T = TypeVar("T")
 log = get_logger("store")
 
+MAX_BATCH = 128
 TERMINAL_STATES = ("succeeded", "failed", "timed_out", "cancelled")
 ACTIVE_STATES = ("pending", "dispatched", "running")
 TASK_JSON_FIELDS = ("input", "result", "error", "labels", "sandbox")
@@ -201,27 +202,55 @@ class Store:
 
     def _write_loop(self) -> None:
         db = _connect(self.path)
-        while True:
+        stopping = False
+        while not stopping:
             item = self._queue.get()
             if item is None:
                 break
-            func, fut = item
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                db.conn.execute("BEGIN IMMEDIATE")
+            # Group commit: whatever else is already queued joins this transaction, each
+            # write in its own savepoint so one failure does not undo the others. Callers
+            # hear back only after COMMIT, so every acknowledged write is durable.
+            batch = [item]
+            while len(batch) < MAX_BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            self._run_batch(db, batch)
+        db.close()
+
+    def _run_batch(self, db: sqlite_utils.Database, batch: list[Any]) -> None:
+        live = [(func, fut) for func, fut in batch if fut.set_running_or_notify_cancel()]
+        outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
+        try:
+            db.conn.execute("BEGIN IMMEDIATE")
+            for func, fut in live:
+                db.conn.execute("SAVEPOINT w")
                 try:
                     result = func(db)
-                    db.conn.execute("COMMIT")
-                except BaseException:
-                    if db.conn.in_transaction:
-                        db.conn.execute("ROLLBACK")
-                    raise
-            except BaseException as e:
-                fut.set_exception(e)
+                except BaseException as e:
+                    if not db.conn.in_transaction:
+                        raise  # SQLite dropped the whole transaction: nothing committed
+                    db.conn.execute("ROLLBACK TO w")
+                    db.conn.execute("RELEASE w")
+                    outcomes.append((fut, None, e))
+                else:
+                    db.conn.execute("RELEASE w")
+                    outcomes.append((fut, result, None))
+            db.conn.execute("COMMIT")
+        except BaseException as e:
+            if db.conn.in_transaction:
+                db.conn.execute("ROLLBACK")
+            outcomes = [(fut, None, e) for _, fut in live]
+        for fut, result, error in outcomes:
+            if error is not None:
+                fut.set_exception(error)
             else:
                 fut.set_result(result)
-        db.close()
 
     async def write(self, func: Callable[[sqlite_utils.Database], T]) -> T:
         """Run ``func(db)`` as one transaction on the writer thread."""

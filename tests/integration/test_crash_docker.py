@@ -278,7 +278,13 @@ def _engine_controls() -> tuple[Any, Any]:
         return None, None
 
     def stop() -> None:
-        os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        # dockerd closes its socket well before it exits and removes its pid file.
+        while Path(f"/proc/{pid}").exists() and pid_file.exists():
+            assert time.monotonic() < deadline, "dockerd did not stop"
+            time.sleep(0.1)
 
     def start() -> None:
         with open("/var/log/agent-gateway-dockerd.log", "ab") as log:

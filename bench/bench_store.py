@@ -1,0 +1,157 @@
+"""Store and restart figures: single-writer throughput, start-to-ready, recovery time.
+
+1. Writes per second through the one writer thread, with 64 coroutines writing at once:
+   task creation, state transitions, and chained + masked decision records.
+2. Hub start to ready (config, store, engine, recovery) with 1,000 tasks in the database,
+   against the real Docker engine: (a) all finished; (b) 1,000 unfinished whose deadlines
+   passed while the hub was down, so recovery must end each one.
+
+Usage: python bench/bench_store.py [n_writes]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._stats import report
+from gateway.decisions import DecisionLog
+from gateway.hub import Hub
+from gateway.policy.engine import Decision
+from gateway.settings import REPO_ROOT, Settings
+from gateway.store import Store
+
+N = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
+CONCURRENCY = 64
+INPUT = {
+    "subject": {"id": "alice", "roles": ["user"], "key_id": "abc"},
+    "task": {"capability": "debug.echo", "input": {"msg": "x" * 200, "password": "hunter2"}},
+    "agent": {"name": "echo", "image": "agent-gateway/echo:dev", "capabilities": ["debug.echo"]},
+    "request": {"method": "POST", "path": "/v1/tasks", "remote_addr": "127.0.0.1"},
+}
+
+
+def row(task_id: str, deadline: float) -> dict[str, object]:
+    return {
+        "id": task_id,
+        "agent": "echo",
+        "capability": "debug.echo",
+        "subject": "bench",
+        "input": {"n": 1},
+        "timeout_s": 30.0,
+        "deadline": deadline,
+        "decision_id": "d",
+        "sandbox": {},
+        "attempts": 0,
+    }
+
+
+async def rate(n: int, make: object) -> float:
+    """Writes per second for ``n`` calls of ``make(i)`` with CONCURRENCY in flight."""
+    sem = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(i: int) -> None:
+        async with sem:
+            await make(i)  # type: ignore[operator]
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return n / (time.perf_counter() - start)
+
+
+async def writes(tmp: Path) -> dict[str, float]:
+    store = Store(tmp / "w.db")
+    ids = [str(uuid.uuid4()) for _ in range(N)]
+    deadline = time.time() + 3600
+    create = await rate(N, lambda i: store.create_task(row(ids[i], deadline)))
+    move = await rate(
+        N, lambda i: store.transition(ids[i], "dispatched", allowed_from=("pending",))
+    )
+    log = DecisionLog(store, hub_id="bench", masking=[("/task/input/password", "mask")])
+    decision = Decision(True, ("allowed",), {"network": "internal"})
+
+    def record(i: int) -> object:
+        return log.record(
+            kind="dispatch",
+            path="gateway/dispatch/decision",
+            input=INPUT,
+            decision=decision,
+            revision="bench",
+            subject="alice",
+            agent="echo",
+            task_id=ids[i],
+        )
+
+    decisions = await rate(N, record)
+    verify_start = time.perf_counter()
+    verified = await log.verify()
+    verify_rate = verified.checked / (time.perf_counter() - verify_start)
+    assert verified.ok
+    await store.close()
+    return {
+        "task_creates_per_s": create,
+        "transitions_per_s": move,
+        "decisions_per_s (chained, masked)": decisions,
+        "verify_records_per_s": verify_rate,
+    }
+
+
+async def start_to_ready(tmp: Path, *, unfinished: bool) -> dict[str, float]:
+    state = tmp / ("unfinished" if unfinished else "finished")
+    store = Store(state / "gateway.db")
+    deadline = time.time() - 1 if unfinished else time.time() + 3600
+
+    async def seed(i: int) -> None:
+        task_id = str(uuid.uuid4())
+        await store.create_task(row(task_id, deadline))
+        if not unfinished:
+            await store.transition(task_id, "succeeded", allowed_from=("pending",))
+
+    await rate(1000, seed)
+    await store.close()
+    hub_id = "bench-" + secrets.token_hex(3)
+    settings = Settings(
+        state_dir=state,
+        keys_file=tmp / "keys.json",
+        agents_file=REPO_ROOT / "agents.yaml",
+        schemas_dir=REPO_ROOT / "schemas",
+        policies_dir=REPO_ROOT / "policies",
+        hub_id=hub_id,
+        network=f"{hub_id}-int",
+        egress_network=f"{hub_id}-egr",
+        probe_interval_s=0,
+    )
+    hub = Hub(settings)
+    start = time.perf_counter()
+    await hub.start()
+    ready_s = time.perf_counter() - start
+    recovery = hub.last_recovery
+    assert recovery is not None
+    assert len(recovery.timed_out) == (1000 if unfinished else 0)
+    await hub.stop()
+    import docker
+
+    api = docker.from_env(version="auto").api
+    for name in (settings.network, settings.egress_network):
+        for net in api.networks(names=[name]):
+            api.remove_network(net["Id"])
+    return {"start_to_ready_ms": ready_s * 1000, "recovery_ms": recovery.seconds * 1000}
+
+
+async def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = await writes(Path(tmp))
+        figures["start_1000_finished"] = await start_to_ready(Path(tmp), unfinished=False)
+        figures["start_1000_unfinished"] = await start_to_ready(Path(tmp), unfinished=True)
+    report(f"store and restart ({N} writes, {CONCURRENCY} concurrent)", figures)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
