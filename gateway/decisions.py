@@ -132,32 +132,21 @@ class DecisionLog:
         before: int | None = None,
     ) -> tuple[list[dict[str, Any]], int | None]:
         """Newest first, filtered; returns (records, cursor of the next page or None)."""
-        where, args = [], []
-        if allow is not None:
-            where.append("allow = ?")
-            args.append(1 if allow else 0)
-        for column, value in (("agent", agent), ("subject", subject), ("kind", kind)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if since is not None:
-            where.append("timestamp >= ?")
-            args.append(since)
-        if until is not None:
-            where.append("timestamp <= ?")
-            args.append(until)
-        if before is not None:
-            where.append("seq < ?")
-            args.append(before)
-        sql = "SELECT * FROM decisions"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY seq DESC LIMIT ?"
-        args.append(limit + 1)
-        rows = await self.store.read(lambda db: db.execute(sql, args).fetchall())
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return [record_to_json(_record(r)) for r in rows], (rows[-1]["seq"] if more else None)
+        rows, cursor = await self.store.page(
+            "decisions",
+            [
+                ("allow = ?", None if allow is None else int(allow)),
+                ("agent = ?", agent),
+                ("subject = ?", subject),
+                ("kind = ?", kind),
+                ("timestamp >= ?", since),
+                ("timestamp <= ?", until),
+            ],
+            order="seq",
+            limit=limit,
+            before=before,
+        )
+        return [record_to_json(_record(r)) for r in rows], cursor
 
     async def verify(self) -> Any:
         """Verify the whole chain in order."""

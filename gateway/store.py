@@ -431,28 +431,43 @@ class Store:
         before: int | None = None,
     ) -> tuple[list[dict[str, Any]], int | None]:
         """Newest first; returns (tasks, cursor for the next page or None)."""
-        where, args = [], []
-        for column, value in (("state", state), ("agent", agent), ("subject", subject)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
+        rows, cursor = await self.page(
+            "tasks",
+            [("state = ?", state), ("agent = ?", agent), ("subject = ?", subject)],
+            order="rowid",
+            limit=limit,
+            before=before,
+        )
+        return [_task_from_row(r) for r in rows], cursor
+
+    async def page(
+        self,
+        table: str,
+        conditions: list[tuple[str, Any]],
+        *,
+        order: str,
+        limit: int,
+        before: int | None,
+    ) -> tuple[list[sqlite3.Row], int | None]:
+        """Rows of ``table`` newest first by the integer column ``order``, keyset-paginated.
+
+        ``conditions`` are ``(sql with one ?, value)`` pairs; a None value is no filter.
+        Returns (rows, the cursor for the next page or None).
+        """
+        where = [sql for sql, value in conditions if value is not None]
+        args = [value for _, value in conditions if value is not None]
         if before is not None:
-            where.append("rowid < ?")
+            where.append(f"{order} < ?")
             args.append(before)
-        sql = "SELECT rowid AS _rowid, * FROM tasks"
+        sql = f"SELECT {order} AS _cursor, * FROM {table}"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY rowid DESC LIMIT ?"
+        sql += f" ORDER BY {order} DESC LIMIT ?"
         args.append(limit + 1)
-
-        def q(db: sqlite_utils.Database) -> list[sqlite3.Row]:
-            return db.execute(sql, args).fetchall()
-
-        rows = await self.read(q)
+        rows = await self.read(lambda db: db.execute(sql, args).fetchall())
         more = len(rows) > limit
         rows = rows[:limit]
-        tasks = [_task_from_row(r) for r in rows]
-        return tasks, (rows[-1]["_rowid"] if more and rows else None)
+        return rows, (rows[-1]["_cursor"] if more and rows else None)
 
     async def active_tasks(self) -> list[dict[str, Any]]:
         """Every task not yet in a terminal state (for recovery and shutdown)."""
