@@ -10,6 +10,7 @@ faster with the same 2020-12 semantics.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,9 @@ class SchemaSet:
         try:
             registry = jsonschema_rs.Registry(resources)
         except Exception as e:  # the library raises its own ReferencingError and ValueErrors
-            raise ConfigError(f"schema registry: {e}", location=root.name) from e
+            raise ConfigError(
+                f"unresolvable $ref: {e}", location=_ref_location(root, str(e))
+            ) from e
         schemas = cls(root=root, documents=documents, registry=registry)
         # Compile everything now so a dangling $ref is a load error, not a request error.
         for rel in documents:
@@ -101,9 +104,19 @@ class SchemaSet:
         for err in self.validator(ref).iter_errors(instance):
             parts = list(err.instance_path)
             kind = err.kind
-            # "required" is reported on the parent object; point at the missing member.
+            # "required" and "additional properties" are reported on the parent object;
+            # point at the member that is missing or unexpected.
             if isinstance(kind, jsonschema_rs.ValidationErrorKind.Required):
                 parts.append(kind.property)
+            elif (
+                isinstance(
+                    kind,
+                    jsonschema_rs.ValidationErrorKind.AdditionalProperties
+                    | jsonschema_rs.ValidationErrorKind.UnevaluatedProperties,
+                )
+                and kind.unexpected
+            ):
+                parts.append(kind.unexpected[0])
             found.append(
                 {
                     "pointer": prefix + json_pointer(parts),
@@ -126,6 +139,18 @@ class SchemaSet:
             f"{'s' if len(errors) != 1 else ''})",
             details=errors,
         )
+
+
+def _ref_location(root: Path, message: str) -> str:
+    """file:line of the ``$ref`` naming the resource a registry error says is missing."""
+    match = re.search(r"Resource '([^']+)'", message)
+    if match:
+        target = match.group(1).rsplit("/", 1)[-1].split("#", 1)[0]
+        for path in sorted(root.rglob("*.json")):
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if '"$ref"' in line and target and target in line:
+                    return f"{root.name}/{path.relative_to(root).as_posix()}:{number}"
+    return root.name
 
 
 def _check_metaschema(doc: dict[str, Any], display: str) -> None:

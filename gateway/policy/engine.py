@@ -176,6 +176,8 @@ class RegorusPolicy:
             value = self.engine.eval_rule(query)
         except Exception as e:  # regorus raises RuntimeError; anything else is also a deny
             location, reason = parse_engine_error(str(e))
+            if reason == "not a valid rule path":
+                reason = f"no rule defines {query}"
             where = f" at {location}" if location else ""
             return _deny(f"policy error{where}: {reason}", start)
         except BaseException as e:

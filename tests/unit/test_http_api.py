@@ -151,7 +151,7 @@ async def test_schema_violation_lists_every_field_by_pointer(
     body = await resp.json()
     assert resp.status == 400
     pointers = sorted(d["pointer"] for d in body["error"]["details"])
-    assert pointers == ["/input", "/input/text", "/input/top"]
+    assert pointers == ["/input/extra", "/input/text", "/input/top"]
     assert backend.started == []
 
 
@@ -372,3 +372,34 @@ async def _until(check: Any, within_s: float = 5.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached")
         await asyncio.sleep(0.02)
+
+
+async def test_output_breaking_its_schema_fails_the_task(
+    tmp_path: Any, keys: dict[str, str], aiohttp_client: Any, config_copy: Any
+) -> None:
+    from gateway.http.app import create_app
+    from tests.conftest import FakeBackend, make_settings
+
+    root = config_copy()
+    schema = root / "schemas" / "agents" / "echo.output.json"
+    doc = json.loads(schema.read_text())
+    doc["required"] = [*doc["required"], "signature"]
+    schema.write_text(json.dumps(doc))
+    settings = make_settings(
+        tmp_path,
+        agents_file=root / "agents.yaml",
+        schemas_dir=root / "schemas",
+        policies_dir=root / "policies",
+    )
+    client = await aiohttp_client(create_app(settings, backend=FakeBackend()))
+    resp = await client.post("/v1/tasks?wait=10", json=ECHO, headers=auth(keys["user"]))
+    body = await resp.json()
+    assert body["state"] == "failed"
+    assert body["error"]["code"] == "output_schema_violation"
+    assert body["error"]["details"] == [
+        {
+            "pointer": "/output/signature",
+            "keyword": "required",
+            "message": '"signature" is a required property',
+        }
+    ]
