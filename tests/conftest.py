@@ -164,3 +164,24 @@ async def fake_hub(
     app = create_app(make_settings(tmp_path), backend=backend)
     client = await aiohttp_client(app)
     yield client, backend
+
+
+@pytest.fixture(autouse=True)
+async def _fail_if_the_event_loop_blocks(caplog: pytest.LogCaptureFixture) -> Any:
+    """Fail a test during which one callback held the event loop for over 0.5 s.
+
+    asyncio's debug mode reports such callbacks; the hub must never do blocking work
+    (Docker, SQLite, file scans) on the loop thread.
+    """
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)
+    loop.slow_callback_duration = 0.5
+    yield
+    slow = [
+        r.getMessage()
+        for r in caplog.get_records("call")
+        if r.name == "asyncio"
+        and r.getMessage().startswith("Executing")
+        and " took " in r.getMessage()
+    ]
+    assert not slow, f"the event loop was blocked: {slow[:3]}"
