@@ -90,7 +90,7 @@ async def test_schema_violation_starts_nothing(
     )
     body = await resp.json()
     assert resp.status == 400
-    assert {d["pointer"] for d in body["error"]["details"]} == {"/input", "/input/text"}
+    assert {d["pointer"] for d in body["error"]["details"]} == {"/input/txt", "/input/text"}
     assert hub_containers(docker_api, docker_hub) == []
 
 
