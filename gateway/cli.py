@@ -59,6 +59,46 @@ def call_hub(args: argparse.Namespace, method: str, path: str, body: Any = None)
         return 2
 
 
+def _replay_parser(dsub: Any) -> None:
+    replay = dsub.add_parser(
+        "replay", help="re-evaluate logged inputs under other policies; report what would change"
+    )
+    _state(replay)
+    replay.add_argument(
+        "--policies",
+        required=True,
+        metavar="PATH_OR_REV",
+        help="a policies folder, or a git revision whose policies/ to use",
+    )
+    replay.add_argument(
+        "--repo", type=Path, default=REPO_ROOT, help="the git checkout a revision is taken from"
+    )
+    replay.add_argument(
+        "--policies-path", default="policies", help="the policies folder inside the checkout"
+    )
+    replay.add_argument(
+        "--agents",
+        type=Path,
+        default=None,
+        help="agents.yaml for policy data when the log's registry revision is not stored",
+    )
+    replay.add_argument("--decision", choices=["allow", "deny"])
+    replay.add_argument("--agent")
+    replay.add_argument("--subject")
+    replay.add_argument("--kind", choices=["dispatch", "message"])
+    replay.add_argument("--since")
+    replay.add_argument("--until")
+    replay.add_argument("--limit", type=int, default=None, help="at most this many (newest)")
+    replay.add_argument("--json", action="store_true", help="one JSON document")
+
+
+def _trust_bundle(value: str) -> tuple[str, Path]:
+    domain, sep, path = value.partition("=")
+    if not sep or not domain or not path:
+        raise argparse.ArgumentTypeError("expected DOMAIN=FILE, e.g. partner.example=bundle.json")
+    return domain, Path(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agent-gateway", description="A policy-first gateway for agents in containers."
@@ -83,6 +123,35 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--alert-webhook", default=None, help="Alertmanager-compatible URL")
     serve.add_argument("--network", default="agent-gateway-internal", help="hub-only network")
     serve.add_argument("--egress-network", default="agent-gateway-egress")
+    serve.add_argument(
+        "--trust-domain", default="agent-gateway.local", help="SPIFFE trust domain of agents"
+    )
+    serve.add_argument(
+        "--trust-bundle",
+        action="append",
+        default=[],
+        type=_trust_bundle,
+        metavar="DOMAIN=FILE",
+        help="also accept JWT-SVIDs of DOMAIN, signed by keys in the JWKS FILE (repeat)",
+    )
+    serve.add_argument(
+        "--reload-poll",
+        type=float,
+        default=1.0,
+        help="seconds between checks of policies/, schemas/, agents.yaml for changes (0: off)",
+    )
+    serve.add_argument(
+        "--mask",
+        action="append",
+        default=[],
+        metavar="RULE",
+        help="decision-log masking rule 'mask:/json/pointer' or 'erase:/json/pointer' (repeat)",
+    )
+
+    reload = sub.add_parser(
+        "reload", help="make a running hub reload (validate, test, then swap) its files"
+    )
+    _remote(reload)
 
     mode = sub.add_parser("mode", help="put a running hub in normal or degraded mode")
     mode.add_argument("mode", choices=["normal", "degraded", "auto"])
@@ -99,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     ptest.add_argument("path", type=Path, nargs="?", default=REPO_ROOT / "policies")
     ptest.add_argument("-v", "--verbose", action="store_true")
     ptest.add_argument("--coverage", action="store_true")
+    ptest.add_argument("-r", "--run", default=None, help="only tests whose data.pkg.test_x matches")
+    ptest.add_argument("--format", choices=["pretty", "json"], default="pretty")
 
     keys = sub.add_parser("keys", help="API keys")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
@@ -146,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
             d.add_argument("--since")
             d.add_argument("--until")
             d.add_argument("--limit", type=int, default=50 if name == "list" else 1_000_000)
+    _replay_parser(dsub)
     return parser
 
 
@@ -189,6 +261,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         alert_webhook_url=args.alert_webhook,
         network=args.network,
         egress_network=args.egress_network,
+        trust_domain=args.trust_domain,
+        trust_bundles=tuple(args.trust_bundle),
+        reload_poll_s=args.reload_poll,
+        mask=tuple(args.mask),
     )
     app = create_app(settings)
 
@@ -231,6 +307,10 @@ def persistent_hub_id(state_dir: Path) -> str:
     return hub_id
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    return call_hub(args, "POST", "/v1/admin/reload")
+
+
 def cmd_mode(args: argparse.Namespace) -> int:
     return call_hub(args, "POST", "/v1/admin/mode", {"mode": args.mode})
 
@@ -248,10 +328,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
-    from gateway.policy.testing import format_report, run_tests
+    from gateway.policy.testing import format_report, report_to_json, run_tests
 
-    report = run_tests(args.path, coverage=args.coverage)
-    print(format_report(report, verbose=args.verbose))
+    report = run_tests(args.path, coverage=args.coverage, run=args.run)
+    if args.format == "json":
+        print(json.dumps(report_to_json(report), indent=2))
+    else:
+        sys.stdout.write(format_report(report, verbose=args.verbose))
     failed = [r for r in report.results if r.outcome != "pass"]
     return 1 if failed or not report.results else 0
 
@@ -328,6 +411,7 @@ COMMANDS = {
     "tasks": cmd_tasks,
     "decisions": cmd_decisions,
     "mode": cmd_mode,
+    "reload": cmd_reload,
 }
 
 if __name__ == "__main__":

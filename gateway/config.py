@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gateway.policy.engine import DISPATCH_QUERY, MESSAGES_QUERY, RegorusPolicy
 from gateway.registry import Registry, load_registry
-from gateway.revision import revision_of
+from gateway.revision import combined_revision, revision_of
 from gateway.schemas import SchemaSet
 
 TASK_SCHEMA = "task.schema.json"
@@ -30,6 +30,33 @@ class Config:
     schemas_revision: str
     registry_revision: str
 
+    @property
+    def revision(self) -> str:
+        """The combined revision every decision made under this config records."""
+        return combined_revision(
+            policies=self.policy_revision,
+            schemas=self.schemas_revision,
+            agents=self.registry_revision,
+        )
+
+
+@dataclass(frozen=True)
+class Revisions:
+    """The revisions of the three parts, computed before loading (git runs in a thread)."""
+
+    policies: str
+    schemas: str
+    agents: str
+
+
+def file_revisions(*, agents_file: Path, schemas_dir: Path, policies_dir: Path) -> Revisions:
+    """Revisions (last commit + content hash) of the files; runs git, so call it off-loop."""
+    return Revisions(
+        policies=str(revision_of([Path(policies_dir)])),
+        schemas=str(revision_of([Path(schemas_dir)])),
+        agents=str(revision_of([Path(agents_file)])),
+    )
+
 
 def load_config(
     *,
@@ -37,8 +64,12 @@ def load_config(
     schemas_dir: Path,
     policies_dir: Path,
     policy_budget_ms: float = 50.0,
+    revisions: Revisions | None = None,
 ) -> Config:
-    """Load and cross-check every file; raise ConfigError (file:line) on the first problem."""
+    """Load and cross-check every file; raise ConfigError (file:line) on the first problem.
+
+    ``revisions`` (from ``file_revisions``) saves running git here, on the caller's thread.
+    """
     schemas = SchemaSet.load(schemas_dir)
     for required in (TASK_SCHEMA, MESSAGE_SCHEMA, RESULT_SCHEMA):
         if not schemas.has(required):
@@ -46,11 +77,14 @@ def load_config(
 
             raise ConfigError(f"missing {required}", location=str(schemas_dir))
     registry = load_registry(agents_file, schemas, display=Path(agents_file).name)
-    policy_revision = str(revision_of([Path(policies_dir)]))
+    if revisions is None:
+        revisions = file_revisions(
+            agents_file=agents_file, schemas_dir=schemas_dir, policies_dir=policies_dir
+        )
     policy = RegorusPolicy.load(
         policies_dir,
         data={"agents": registry.to_json()},
-        revision=policy_revision,
+        revision=revisions.policies,
         budget_ms=policy_budget_ms,
         required=(DISPATCH_QUERY, MESSAGES_QUERY),
     )
@@ -58,7 +92,7 @@ def load_config(
         registry=registry,
         schemas=schemas,
         policy=policy,
-        policy_revision=policy_revision,
-        schemas_revision=str(revision_of([Path(schemas_dir)])),
-        registry_revision=str(revision_of([Path(agents_file)])),
+        policy_revision=revisions.policies,
+        schemas_revision=revisions.schemas,
+        registry_revision=revisions.agents,
     )

@@ -203,6 +203,14 @@ class ConfigError(Exception):
         self.location = location
 
 
+class PolicyTestsFailed(ConfigError):
+    """Policy tests failed, so a change was refused; ``failures`` lists each (file:line)."""
+
+    def __init__(self, message: str, *, location: str | None, failures: list[dict[str, Any]]):
+        super().__init__(message, location=location)
+        self.failures = failures
+
+
 class GuardrailViolation(Exception):
     """A sandbox the decision did not grant, or one the guardrails cannot enforce."""
 

@@ -14,6 +14,7 @@ from gateway.agent_client import AgentClient
 from gateway.alerts import Alerts
 from gateway.config import Config, load_config
 from gateway.containers.backend import ContainerBackend
+from gateway.decisionlog import parse_mask_rule
 from gateway.decisions import DecisionLog
 from gateway.errors import ConfigError, Degraded, GatewayError
 from gateway.instances import InstanceRegistry
@@ -22,6 +23,7 @@ from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.monitor import Monitor
 from gateway.recovery import RecoveryReport, recover
+from gateway.reload import Reloader
 from gateway.routers.messages import MessageOptions, MessageRouter
 from gateway.routers.tasks import RouterOptions, TaskRouter
 from gateway.settings import Settings
@@ -53,6 +55,7 @@ class Hub:
         self.last_reload_error: dict[str, Any] | None = None
         self.hub_id = settings.hub_id
         self.monitor = Monitor(self)
+        self.reloader = Reloader(self)
         self.recovered = False
         self.last_recovery: RecoveryReport | None = None
         # Containers running now, their identities (JWT-SVIDs) and the messages between them.
@@ -93,7 +96,12 @@ class Hub:
                 self.config.registry.source,
                 self.config.registry.to_json(),
             )
-        self.decisions = DecisionLog(self.store, hub_id=s.hub_id, metrics=self.metrics)
+        self.decisions = DecisionLog(
+            self.store,
+            hub_id=s.hub_id,
+            metrics=self.metrics,
+            masking=[parse_mask_rule(rule) for rule in s.mask],
+        )
         await self.decisions.start()
         if self._backend is None:
             from gateway.containers.docker import DockerBackend
@@ -137,7 +145,6 @@ class Hub:
             config=lambda: self.config,
             instances=self.instances,
             decisions=self.decisions,
-            agents=self.agents,
             tasks=self.router,
             trust_domain=self.identities.trust_domain,
             options=MessageOptions(
@@ -152,19 +159,26 @@ class Hub:
         if "container_engine" not in self.degraded_reasons:
             await self.recover()
         self.monitor.start()
+        await self.reloader.start()
         self._update_mode_metric()
         log.info("hub started", extra={"hub_id": s.hub_id, "mode": self.mode})
 
     async def stop(self) -> None:
         """Stop monitors and runners (containers stay for the next start), close the rest."""
         await self.monitor.stop()
+        await self.reloader.stop()
         with contextlib.suppress(Exception):
             await self.router.shutdown()
+        if hasattr(self, "messages"):
+            await self.messages.close()
         await self.agents.close()
         await self.alerts.close()
         if self._backend is not None:
             await self._backend.close()
         await self.store.close()
+        # Release the regorus engine here, on its own thread: left to the garbage collector
+        # (the hub is full of reference cycles) it may be freed on another one, and leak.
+        self._config = None
 
     def _load(self) -> Config:
         s = self.settings
@@ -243,15 +257,17 @@ class Hub:
     # -- reload and status
 
     async def reload(self) -> dict[str, Any]:
-        """Load the files again; on any error keep the current config and report it."""
-        try:
-            new = self._load()
-        except ConfigError as e:
-            self.last_reload_error = {"message": e.message, "location": e.location}
-            self.alerts.raise_alert(
-                "reload_failed", f"reload refused: {e}", location=e.location or ""
-            )
-            raise
+        """Load, validate and test the files again (gateway.reload); on any error keep the
+        current config, alert, and raise ConfigError."""
+        return await self.reloader.reload(trigger="api")
+
+    @property
+    def has_config(self) -> bool:
+        """Whether a valid configuration is in force."""
+        return self._config is not None
+
+    async def install_config(self, new: Config) -> None:
+        """Put a loaded, validated and tested config in force (one swap on the loop)."""
         self._config = new
         self.last_reload_error = None
         self.alerts.resolve("reload_failed")
@@ -260,8 +276,6 @@ class Hub:
         await self.store.record_registry(
             new.registry_revision, new.registry.source, new.registry.to_json()
         )
-        log.info("config reloaded", extra={"policy_revision": new.policy_revision})
-        return self.revisions()
 
     def revisions(self) -> dict[str, str]:
         c = self.config
@@ -269,6 +283,7 @@ class Hub:
             "policies": c.policy_revision,
             "schemas": c.schemas_revision,
             "registry": c.registry_revision,
+            "combined": c.revision,
         }
 
     async def status(self) -> dict[str, Any]:
@@ -289,5 +304,6 @@ class Hub:
             "agents": sorted(self.config.registry.agents) if self._config else [],
             "last_recovery": self.last_recovery.to_json() if self.last_recovery else None,
             "last_reload_error": self.last_reload_error,
+            "reload": self.reloader.to_json(),
             "alerts": self.alerts.to_json(),
         }

@@ -10,7 +10,7 @@ knows about HTTP or Docker.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -87,6 +87,11 @@ class InstanceRegistry:
         self._by_id: dict[str, Instance] = {}
         self._by_task: dict[str, Instance] = {}
         self._turn = 0  # round-robin position for picking among instances of one agent
+        self._on_close: list[Callable[[Instance], None]] = []
+
+    def on_close(self, callback: Callable[[Instance], None]) -> None:
+        """Call ``callback(instance)`` when an instance closes (e.g. to drop connections)."""
+        self._on_close.append(callback)
 
     # -- lifecycle (driven by the task router)
 
@@ -132,6 +137,8 @@ class InstanceRegistry:
         self._by_id.pop(instance.instance_id, None)
         if self._by_task.get(instance.task_id) is instance:
             del self._by_task[instance.task_id]
+        for callback in self._on_close:
+            callback(instance)
         instance.handle = None
         if self.minter is not None:
             self.minter.revoke(instance.instance_id)

@@ -143,3 +143,28 @@ def revision_of(paths: list[Path], repo_root: Path | None = None) -> Revision:
     # "git log" fails in a repository without commits yet: that is "never committed".
     commit = (_git(["log", "-1", "--format=%H", *specs], root) or "").strip() or None
     return Revision(commit, digest, dirty=bool(status.strip()), in_git=True)
+
+
+# The parts of a configuration generation, in the order a combined revision lists them.
+REVISION_PARTS = ("policies", "schemas", "agents")
+
+
+def combined_revision(*, policies: str, schemas: str, agents: str) -> str:
+    """One string naming all three revisions (``policies=R schemas=R agents=R``).
+
+    This is what every decision records as its ``revision``: the policy alone does not
+    decide (the registry is policy data, the schemas gate the input), so all three are kept.
+    """
+    return f"policies={policies} schemas={schemas} agents={agents}"
+
+
+def split_revision(revision: str) -> dict[str, str]:
+    """The parts of a combined revision by name; a bare (older) revision is ``policies``."""
+    parts: dict[str, str] = {}
+    for token in revision.split():
+        name, sep, value = token.partition("=")
+        if sep and name in REVISION_PARTS:
+            parts[name] = value
+    if not parts and revision:
+        parts["policies"] = revision
+    return parts

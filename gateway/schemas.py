@@ -63,7 +63,7 @@ class SchemaSet:
             if not isinstance(doc, dict | bool):
                 raise ConfigError("a schema must be a JSON object or boolean", location=display)
             if isinstance(doc, dict):
-                _check_metaschema(doc, display)
+                _check_metaschema(doc, display, path)
                 doc.setdefault("$id", BASE_URI + rel)
             documents[rel] = doc
             resources.append((BASE_URI + rel, doc))
@@ -153,7 +153,26 @@ def _ref_location(root: Path, message: str) -> str:
     return root.name
 
 
-def _check_metaschema(doc: dict[str, Any], display: str) -> None:
+def line_of_pointer(text: str, pointer: str) -> int | None:
+    """The line of the member a JSON pointer names in a JSON text (object keys only).
+
+    Each key is searched for after the previous one, which finds the right member unless an
+    earlier sibling's subtree repeats the key; array indexes keep the parent's line.
+    """
+    pos, line = 0, 1 if text else None
+    for token in pointer.split("/")[1:]:
+        token = token.replace("~1", "/").replace("~0", "~")
+        if token.isdigit():
+            continue
+        match = re.compile(re.escape(json.dumps(token)) + r"\s*:").search(text, pos)
+        if match is None:
+            break
+        pos = match.start()
+        line = text.count("\n", 0, pos) + 1
+    return line
+
+
+def _check_metaschema(doc: dict[str, Any], display: str, path: Path | None = None) -> None:
     declared = doc.get("$schema")
     if declared not in (None, "https://json-schema.org/draft/2020-12/schema"):
         raise ConfigError(
@@ -165,6 +184,10 @@ def _check_metaschema(doc: dict[str, Any], display: str) -> None:
         jsonschema_rs.meta.validate(doc)
     except jsonschema_rs.ValidationError as e:
         pointer = json_pointer(list(e.instance_path))
+        location = display
+        if path is not None:
+            line = line_of_pointer(path.read_text(encoding="utf-8"), pointer)
+            location = f"{display}:{line}" if line else display
         raise ConfigError(
-            f"not a valid JSON Schema at {pointer or '/'}: {e.message}", location=display
+            f"not a valid JSON Schema at {pointer or '/'}: {e.message}", location=location
         ) from e

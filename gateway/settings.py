@@ -7,6 +7,9 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.decisionlog import parse_mask_rule
+from gateway.errors import ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BASE_IMAGE = "agent-gateway/python-base:bookworm"
 
@@ -59,6 +62,13 @@ class Settings:
     message_timeout_s: float = 10.0
     max_message_timeout_s: float = 120.0
     max_delegation_depth: int = 3
+    # Hot reload: how often (s) the hub looks for changes in policies/, schemas/ and
+    # agents.yaml; 0 turns the watcher off (POST /v1/admin/reload still works).
+    reload_poll_s: float = 1.0
+    # Decision-log masking rules, each "mask:/json/pointer" (value replaced) or
+    # "erase:/json/pointer" (field removed); "*" matches any key or index. Applied to a copy
+    # of every policy input before it is logged, with the paths recorded in masked/erased.
+    mask: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -77,6 +87,13 @@ class Settings:
             raise SettingsError("message_timeout_s: must be positive and <= max_message_timeout_s")
         if self.max_delegation_depth < 0:
             raise SettingsError("max_delegation_depth: must be 0 or more")
+        if not 0 <= self.reload_poll_s <= 3600:
+            raise SettingsError("reload_poll_s: must be within 0..3600 (0 = off)")
+        for rule in self.mask:
+            try:
+                parse_mask_rule(rule)
+            except ConfigError as e:
+                raise SettingsError(f"mask: {e}") from None
         for domain, bundle in self.trust_bundles:
             if not Path(bundle).is_file():
                 raise SettingsError(f"trust_bundles: {bundle} (for {domain}) is not a file")

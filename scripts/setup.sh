@@ -3,8 +3,9 @@
 # second run only checks, and rebuilds the example agent images (cached by Docker).
 #
 #   1. Debian packages, only when missing and only as root with apt-get: docker.io (when there
-#      is neither a dockerd nor a reachable engine), iptables, debootstrap, git,
-#      ca-certificates, python3 and python3-venv (when `python3 -m venv` would not work).
+#      is neither a dockerd nor a reachable engine), iptables, debootstrap, git, chromium (the
+#      audit page's browser test), ca-certificates, python3 and python3-venv (when
+#      `python3 -m venv` would not work).
 #   2. A Docker engine that answers; as root, starts dockerd in the background when none does
 #      (log: /var/log/agent-gateway-dockerd.log).
 #   3. The virtualenv .venv with `pip install -e '.[dev]'`, redone only when pyproject.toml
@@ -81,6 +82,8 @@ _setup_packages() {
     command -v iptables >/dev/null 2>&1 || missing+=(iptables)
     command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
     command -v git >/dev/null 2>&1 || missing+=(git)
+    # The auditor page's browser test drives a real headless Chromium.
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
     if command -v dpkg-query >/dev/null 2>&1; then
         _pkg_installed ca-certificates || missing+=(ca-certificates)
     else

@@ -11,6 +11,7 @@ from aiohttp import web
 from gateway.containers.backend import ContainerBackend
 from gateway.errors import BadRequest, ConfigError, GatewayError, InvalidConfig
 from gateway.http.agent_routes import agent_get_task, presents_svid, setup_agent_routes
+from gateway.http.audit import setup_audit_routes
 from gateway.http.middlewares import KEYS, MAX_BODY, authenticate, error_middleware, read_json
 from gateway.http.openapi import openapi_document
 from gateway.hub import Hub
@@ -236,10 +237,14 @@ async def admin_reload(request: web.Request) -> web.Response:
     try:
         revisions = await hub.reload()
     except ConfigError as e:
+        # The details are what /v1/status shows: location, failing tests, kept revisions.
         raise InvalidConfig(
-            f"reload refused: {e.message}", details={"location": e.location}
+            f"reload refused: {e.message}",
+            details=hub.last_reload_error or {"location": e.location},
         ) from None
-    return web.json_response({"reloaded": True, "revisions": revisions})
+    return web.json_response(
+        {"reloaded": True, "revisions": revisions, "reload": hub.reloader.last_reload}
+    )
 
 
 @routes.post("/v1/admin/mode")
@@ -297,6 +302,8 @@ def create_app(settings: Settings, *, backend: ContainerBackend | None = None) -
     app[HUB] = hub
     app[KEYS] = hub.keys
     app[MAX_BODY] = settings.max_body_bytes
+    # First: /v1/decisions/verify must be matched before /v1/decisions/{decision_id}.
+    setup_audit_routes(app, hub)
     app.add_routes(routes)
     setup_agent_routes(app, hub)
 

@@ -7,6 +7,7 @@ from typing import Any
 from gateway import __version__
 from gateway.errors import ERROR_CODES
 from gateway.http.agent_openapi import SECURITY_SCHEME, agent_paths
+from gateway.http.audit import audit_paths
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _TASK = {"$ref": "#/components/schemas/Task"}
@@ -158,7 +159,7 @@ def openapi_document() -> dict[str, Any]:
         "/metrics": {"get": _op("Prometheus metrics", {"200": _resp("text exposition format")})},
         "/openapi.json": {"get": _op("This document", {"200": _resp("OpenAPI 3.1")})},
     }
-    for path, ops in agent_paths().items():
+    for path, ops in [*agent_paths().items(), *audit_paths().items()]:
         paths.setdefault(path, {}).update(ops)
     return {
         "openapi": "3.1.0",

@@ -11,8 +11,11 @@ engine is built and evaluated on the event-loop thread (DESIGN §4).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +123,26 @@ class RegorusPolicy:
     budget_ms: float = 50.0
     data: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self._owner = threading.get_ident()
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+
+    def __del__(self) -> None:
+        # A policy replaced by a reload may still be held by a reference cycle (a request's
+        # exception and its traceback's frames); the garbage collector may then free it on
+        # any thread, and a regorus engine dropped off its own thread is leaked with an
+        # error. Hand the engine to its loop instead: the callback holds the last reference.
+        loop = getattr(self, "_loop", None)
+        if loop is None or threading.get_ident() == getattr(self, "_owner", None):
+            return
+        engine = self.__dict__.get("engine")
+        if engine is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to do
+                loop.call_soon_threadsafe(_release, engine)
+
     @classmethod
     def load(
         cls,
@@ -193,6 +216,10 @@ class RegorusPolicy:
                 start,
             )
         return interpret(value, elapsed)
+
+
+def _release(engine: Any) -> None:
+    """Run on the engine's own thread; returning drops the last reference there."""
 
 
 def data_documents_cached(data: dict[str, Any]) -> dict[str, Any]:

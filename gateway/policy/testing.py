@@ -308,6 +308,28 @@ def _duration(ns: int) -> str:
     return f"{ns / 1e3:.0f}µs"
 
 
+def report_to_json(report: TestReport) -> dict[str, Any]:
+    """The report as JSON: each result (file, line, outcome...), counts and coverage."""
+    return {
+        "results": [
+            {
+                "package": r.package,
+                "name": r.name,
+                "file": r.file,
+                "line": r.line,
+                "outcome": r.outcome,
+                "duration_ns": r.duration_ns,
+                "message": r.message,
+                "prints": r.prints,
+            }
+            for r in report.results
+        ],
+        "counts": {o: report.count(o) for o in ("pass", "fail", "error")},
+        "ok": report.ok,
+        "coverage": report.coverage,
+    }
+
+
 def format_report(report: TestReport, verbose: bool = False) -> str:
     """Text like ``opa test``: failures (every test when verbose), totals, then coverage."""
     lines: list[str] = []

@@ -22,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.agent_client import Accepted, AgentClient
+from gateway.agent_client import Accepted
+from gateway.agent_wire import AgentWire
 from gateway.config import MESSAGE_SCHEMA, RESULT_SCHEMA, Config
 from gateway.errors import (
     AgentNotRunning,
@@ -93,7 +94,6 @@ class MessageRouter:
         config: Callable[[], Config],
         instances: InstanceRegistry,
         decisions: DecisionSink,
-        agents: AgentClient,
         tasks: TaskRouter,
         trust_domain: str,
         options: MessageOptions | None = None,
@@ -101,7 +101,9 @@ class MessageRouter:
         self._config = config
         self.instances = instances
         self.decisions = decisions
-        self.agents = agents
+        # Hand-offs to agents: the lean keep-alive client (the hot path of every message).
+        self.wire = AgentWire()
+        instances.on_close(self._forget)
         self.tasks = tasks
         self.trust_domain = trust_domain
         self.options = options or MessageOptions()
@@ -168,7 +170,7 @@ class MessageRouter:
             float(envelope.get("timeout_s") or self.options.timeout_s), self.options.max_timeout_s
         )
         body = _delivery(sender, envelope)
-        reply = await self.agents.post(inst.handle, MESSAGE_ENDPOINT, body, timeout_s)
+        reply = await self.wire.post(inst.handle, MESSAGE_ENDPOINT, body, timeout_s)
         out: dict[str, Any] = {
             "reply": reply.get("reply") if isinstance(reply, dict) else None,
             "from": {"agent": inst.agent, "spiffe_id": inst.spiffe_id},
@@ -301,6 +303,14 @@ class MessageRouter:
         view["message_decision_id"] = decision_id
         return (200 if task["state"] in TERMINAL_STATES else 202), view
 
+    def _forget(self, inst: Instance) -> None:
+        if inst.handle is not None:
+            self.wire.forget(inst.handle)
+
+    async def close(self) -> None:
+        """Close idle connections to agents."""
+        await self.wire.close()
+
     # -- results reported later
 
     async def report_result(self, sender: Sender, task_id: str, body: Any) -> dict[str, Any]:
@@ -376,7 +386,7 @@ class MessageRouter:
             input=policy_input
             or {"source": sender.source(), "message": envelope, "target": target},
             decision=decision,
-            revision=config.policy_revision,
+            revision=config.revision,
             subject=sender.spiffe_id,
             agent=_target_name(target) if target["type"] == "agent" else None,
             task_id=inst.task_id if inst else None,
@@ -395,7 +405,7 @@ class MessageRouter:
         if inst.handle is None:
             return False
         try:
-            await self.agents.post(
+            await self.wire.post(
                 inst.handle, MESSAGE_ENDPOINT, body, self.options.delivery_timeout_s
             )
         except GatewayError as e:

@@ -108,8 +108,11 @@ class TaskRouter:
         self._removals: set[asyncio.Task[None]] = set()
         self._detaching = False
         # Live containers and their identities; results reported later by agents (202).
-        self.instances = instances or InstanceRegistry()
+        self.instances = instances if instances is not None else InstanceRegistry()
         self._reports: dict[str, asyncio.Future[Any]] = {}
+        # The config each running task was accepted under: a reload must not change the
+        # contract (e.g. the output schema) of a task already in flight.
+        self._accepted_under: dict[str, Config] = {}
         self.dispatch_observer: Callable[[str, float], None] | None = None
 
     # -- submission
@@ -173,6 +176,7 @@ class TaskRouter:
             task, created = await self.store.create_task(row, idem)
             if created:
                 lineage = parent.child_lineage() if parent else ()
+                self._accepted_under[task_id] = config
                 self._start_runner(task, agent, sandbox, subject=subject, lineage=lineage)
             return task, created
         assert first_error is not None
@@ -237,7 +241,7 @@ class TaskRouter:
             path=DISPATCH_PATH,
             input=policy_input,
             decision=decision,
-            revision=config.policy_revision,
+            revision=config.revision,
             subject=subject.id,
             agent=agent.name,
             task_id=task_id,
@@ -293,7 +297,11 @@ class TaskRouter:
             name=f"task-{task['id']}",
         )
         self._runners[task["id"]] = runner
-        runner.add_done_callback(lambda _: self._runners.pop(task["id"], None))
+        runner.add_done_callback(lambda _: self._forget(task["id"]))
+
+    def _forget(self, task_id: str) -> None:
+        self._runners.pop(task_id, None)
+        self._accepted_under.pop(task_id, None)
 
     async def _run(
         self,
@@ -349,22 +357,7 @@ class TaskRouter:
                             await self._move(task_id, "running", ("dispatched",))
                         if self.dispatch_observer:
                             self.dispatch_observer(agent.name, time.monotonic() - start)
-                        # Ready before the hand-off: the agent may report before it answers.
-                        report = self._reports[task_id] = asyncio.get_running_loop().create_future()
-                        reply = await self.agents.post(
-                            handle,
-                            agent.endpoint,
-                            {
-                                "task_id": task_id,
-                                "input": task["input"],
-                                "deadline": task["deadline"],
-                            },
-                            max(0.001, task["deadline"] - time.time()),
-                        )
-                        if isinstance(reply, Accepted):
-                            # Reported later through POST /v1/tasks/{id}/result; the task's
-                            # deadline (the enclosing timeout) still bounds the wait.
-                            reply = await report
+                        reply = await self._hand_over(task, agent, handle)
                         await self._complete(task_id, agent, reply)
             except (TimeoutError, AgentTimeout):
                 # Either clock may fire first (the task's deadline, or the HTTP read timeout
@@ -401,6 +394,37 @@ class TaskRouter:
                     await self._remove_soon(handle)
                 self._signal(task_id)
 
+    async def _hand_over(
+        self, task: dict[str, Any], agent: AgentSpec, handle: ContainerHandle
+    ) -> Any:
+        """POST the task to the agent; its answer, or the result it reports through the hub.
+
+        An agent may answer 202 and report later (``POST /v1/tasks/{id}/result``), or report
+        while its answer is still on the way: whichever comes first is the result. The
+        task's deadline (the caller's timeout) bounds both.
+        """
+        task_id = task["id"]
+        report = self._reports[task_id] = asyncio.get_running_loop().create_future()
+        post = asyncio.ensure_future(
+            self.agents.post(
+                handle,
+                agent.endpoint,
+                {"task_id": task_id, "input": task["input"], "deadline": task["deadline"]},
+                max(0.001, task["deadline"] - time.time()),
+            )
+        )
+        try:
+            await asyncio.wait({post, report}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not post.done():
+                post.cancel()
+                with contextlib.suppress(asyncio.CancelledError, GatewayError):
+                    await post
+        if report.done():
+            return report.result()
+        reply = post.result()
+        return await report if isinstance(reply, Accepted) else reply
+
     async def _complete(self, task_id: str, agent: AgentSpec, reply: Any) -> None:
         if not isinstance(reply, dict) or "output" not in reply:
             await self._finish(
@@ -410,7 +434,8 @@ class TaskRouter:
             )
             return
         output = reply["output"]
-        errors = self._config().schemas.errors(agent.output_schema, output, "/output")
+        config = self._accepted_under.get(task_id) or self._config()
+        errors = config.schemas.errors(agent.output_schema, output, "/output")
         if errors:
             await self._finish(
                 task_id,
@@ -567,6 +592,7 @@ class TaskRouter:
                 await runner
         if self._removals:
             await asyncio.gather(*self._removals, return_exceptions=True)
+        self._accepted_under.clear()  # configs (regorus engines) go now, on this thread
 
     @property
     def running(self) -> int:

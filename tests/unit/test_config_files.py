@@ -101,7 +101,7 @@ def _schemas_with(tmp_path: Path, name: str, text: str) -> Path:
     ("text", "location", "reason"),
     [
         ('{"type": "object",\n "properties": {,}}', "schemas/bad.json:2:17", "invalid JSON"),
-        ('{"type": 12}', "schemas/bad.json", "not a valid JSON Schema at /type"),
+        ('{"type": 12}', "schemas/bad.json:1", "not a valid JSON Schema at /type"),
         ('{"$ref": "nowhere.json"}', "schemas/bad.json:1", "unresolvable $ref"),
         (
             '{"$schema": "http://json-schema.org/draft-07/schema#"}',

@@ -1,8 +1,8 @@
 """probe: a diagnostic agent that exercises the hub's messaging from inside its container.
 
 It runs a script of steps, one SDK call each, records every outcome (a refusal is an
-outcome, not a crash), then waits until it has received ``expect_messages`` messages or
-``hold_s`` seconds passed, and returns ``{"results": [...], "received": [...]}``. While it
+outcome, not a crash), then waits until it has received ``expect_messages`` messages (if
+given) or ``hold_s`` seconds passed, and returns ``{"results": [...], "received": [...]}``. While it
 holds, other agents can reach it: it answers every message with its payload echoed (after
 ``payload.sleep_s`` seconds, if given).
 
@@ -16,11 +16,20 @@ Steps::
     {"op": "renew"}                                            -> the new token's expiry
     {"op": "result_for", "task_id", "output"}                  -> report another task's result
     {"op": "wait_messages", "count", "timeout_s"}              -> messages received so far
+    {"op": "load", "to", "n", "concurrency", "direct_url"?}    -> round trips per second
+
+``load`` sends ``n`` ping requests from ``concurrency`` threads, through the hub or, with
+``direct_url``, straight to another agent's ``/message`` (possible only where the network
+allows it: bench/bench_messages.py runs the agents as host processes for that baseline).
+Messages whose payload has ``"quiet": true`` are answered but not recorded.
 """
 
+import http.client
+import json
 import socket
 import threading
 import time
+import urllib.parse
 
 from gateway.sdk import Agent, HubError
 from gateway.sdk.client import token_expiry
@@ -35,6 +44,8 @@ def on_message(message, ctx):
     payload = message["payload"]
     if isinstance(payload, dict) and isinstance(payload.get("sleep_s"), int | float):
         time.sleep(min(payload["sleep_s"], 30))  # lets tests see a sender time out
+    if isinstance(payload, dict) and payload.get("quiet"):
+        return {"echo": payload, "agent": agent.name, "task_id": ctx.task_id}
     with arrived:
         received.append(
             {
@@ -72,6 +83,65 @@ def connect(host, port, timeout_s):
         }
 
 
+def load(step, client):
+    """Round trips from several threads; latencies in ms as each thread saw them."""
+    n, threads = step["n"], step.get("concurrency", 1)
+    direct = step.get("direct_url")
+    latencies, errors = [], []
+    lock = threading.Lock()
+    counter = iter(range(n))
+    body = {"type": "request", "kind": "ping", "payload": {"quiet": True}}
+
+    def worker():
+        conn = None
+        if direct:
+            parts = urllib.parse.urlsplit(direct)
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+            data = json.dumps({**body, "from": {"agent": agent.name}}).encode()
+        mine = []
+        for _ in iter(lambda: next(counter, None), None):
+            start = time.perf_counter()
+            try:
+                if conn is not None:
+                    conn.request("POST", "/message", data, {"Content-Type": "application/json"})
+                    resp = conn.getresponse()
+                    resp.read()
+                    if resp.status != 200:
+                        raise HubError(resp.status, "direct", "agent refused")
+                else:
+                    client.request(step["to"], "ping", body["payload"])
+            except (HubError, OSError, http.client.HTTPException) as e:
+                with lock:
+                    errors.append(str(e))
+                continue
+            mine.append((time.perf_counter() - start) * 1000)
+        with lock:
+            latencies.extend(mine)
+
+    start, cpu = time.perf_counter(), time.process_time()
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    latencies.sort()
+
+    def pick(q):
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+
+    return {
+        "ok": not errors,
+        "n": len(latencies),
+        "errors": errors[:3],
+        "seconds": round(elapsed, 3),
+        "per_s": round(len(latencies) / elapsed, 1),
+        "cpu_s": round(cpu, 3),
+        "p50_ms": round(pick(0.50), 3) if latencies else None,
+        "p99_ms": round(pick(0.99), 3) if latencies else None,
+    }
+
+
 def run_step(step, client):
     op = step["op"]
     if op == "request":
@@ -95,6 +165,8 @@ def run_step(step, client):
         return {"ok": True, "expires_at": token_expiry(client.renew())}
     if op == "result_for":
         return {"ok": True, "state": client.report_result(step["task_id"], step["output"])}
+    if op == "load":
+        return load(step, client)
     if op == "wait_messages":
         return {"ok": True, "count": wait_messages(step["count"], step.get("timeout_s", 10))}
     return {"ok": False, "code": "unknown_op", "message": op}
@@ -109,7 +181,8 @@ def handle(input, ctx):
         except HubError as e:
             outcome = {"ok": False, "status": e.status, "code": e.code, "message": e.message}
         results.append({"op": step["op"], **outcome})
-    wait_messages(input.get("expect_messages", 0), input.get("hold_s", 0))
+    # Hold until enough messages arrived; with none expected, for the whole hold_s.
+    wait_messages(input.get("expect_messages") or float("inf"), input.get("hold_s", 0))
     with arrived:
         return {"results": results, "received": list(received)}
 

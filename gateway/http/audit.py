@@ -1,0 +1,113 @@
+"""The auditor's view: a read-only web page and the chain's verification status.
+
+| route | who |
+|---|---|
+| ``GET /audit`` (and its ``audit.js``, ``audit.css``) | anyone: a static page; it holds no data |
+| ``GET /v1/decisions/verify`` | auditor: the hash chain verified now, and the revisions in force |
+
+The page asks for an API key, keeps it in ``sessionStorage`` (gone when the tab closes) and
+reads the auditor endpoints with it, so the page itself needs no session or cookie and the
+API's role checks are the only gate. It is plain HTML and JavaScript with no build step and
+nothing fetched from elsewhere; the Content-Security-Policy allows only this origin, and
+logged values are rendered as text, never as HTML.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from gateway.http.middlewares import authenticate
+from gateway.hub import Hub
+
+AUDIT_HUB = web.AppKey("audit_hub", Hub)
+STATIC = Path(__file__).resolve().parent / "static"
+# At most this many problems in one verify answer; ``problems_total`` has the full count.
+MAX_PROBLEMS = 1000
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+FILES = {
+    "/audit": ("index.html", "text/html"),
+    "/audit/audit.js": ("audit.js", "text/javascript"),
+    "/audit/audit.css": ("audit.css", "text/css"),
+}
+routes = web.RouteTableDef()
+
+
+async def verify_decisions(request: web.Request) -> web.Response:
+    """The decision log's chain, verified now, with the revisions in force."""
+    hub = request.app[AUDIT_HUB]
+    authenticate(request, role="auditor")
+    report = await hub.decisions.verify()
+    body = report.to_json()
+    body["problems_total"] = len(report.problems)
+    body["problems"] = body["problems"][:MAX_PROBLEMS]
+    body["verified_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    body["revisions"] = hub.revisions() if hub.has_config else None
+    return web.json_response(body)
+
+
+def _static(name: str, content_type: str) -> Any:
+    # Read once: the page is part of the package, not something edited while running.
+    payload = (STATIC / name).read_bytes()
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(
+            body=payload, content_type=content_type, charset="utf-8", headers=PAGE_HEADERS
+        )
+
+    return handler
+
+
+def setup_audit_routes(app: web.Application, hub: Hub) -> None:
+    """Add the audit page and ``/v1/decisions/verify`` to ``app``.
+
+    Call it before the routes with ``/v1/decisions/{decision_id}``: aiohttp matches in
+    registration order, and ``verify`` would otherwise be taken for a decision id.
+    """
+    app[AUDIT_HUB] = hub
+    app.router.add_get("/v1/decisions/verify", verify_decisions)
+    for path, (name, content_type) in FILES.items():
+        app.router.add_get(path, _static(name, content_type))
+
+
+def audit_paths() -> dict[str, Any]:
+    """OpenAPI path items for these routes (merged by ``gateway.http.openapi``)."""
+    page = {"200": {"description": "the page", "content": {"text/html": {}}}}
+    paths: dict[str, Any] = {
+        path: {"get": {"summary": f"The auditor's web page ({name})", "responses": page}}
+        for path, (name, _) in FILES.items()
+    }
+    paths["/v1/decisions/verify"] = {
+        "get": {
+            "summary": "Verify the decision log's hash chain now (auditor)",
+            "security": [{"apiKey": []}],
+            "responses": {
+                "200": {
+                    "description": "ok, checked, problems (each with seq, decision_id, kind "
+                    "and message), head, revisions in force",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                **{
+                    str(s): {
+                        "description": f"error ({s})",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
+                        },
+                    }
+                    for s in (401, 403)
+                },
+            },
+        }
+    }
+    return paths

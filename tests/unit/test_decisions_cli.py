@@ -1,0 +1,318 @@
+"""The decision log end to end: masking through HTTP, ``agent-gateway decisions
+list|show|export|verify`` on the SQLite file a hub wrote, and tampering with that file.
+
+Every tamper test edits the real database (as someone with write access to the file would)
+and checks that ``verify`` exits non-zero and names the record at fault.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.cli import main
+from gateway.decisionlog import REDACTED, ChainBuilder, verify_chain
+from gateway.http.app import create_app
+from tests.conftest import FakeBackend, auth, make_settings
+
+MASK = ("erase:/request/remote_addr", "mask:/subject/key_id")
+# (key, body, allowed): seq 1..6 in this order.
+SUBMISSIONS = [
+    ("user", {"agent": "echo", "input": {"api_key": "s3cret", "note": "hi"}}, True),
+    ("user", {"capability": "code.eval", "input": {"expression": "1+1"}}, False),
+    ("developer", {"capability": "code.eval", "input": {"expression": "2*3"}}, True),
+    ("user", {"capability": "debug.echo", "input": {"n": 4}}, True),
+    ("nobody", {"capability": "debug.echo", "input": {"n": 5}}, False),
+    ("user", {"capability": "text.stats", "input": {"text": "a b a"}}, True),
+]
+
+
+@pytest.fixture
+async def logged(tmp_path: Path, keys: dict[str, str], aiohttp_client: Any) -> Any:
+    """A hub that made the six decisions above: (client, state dir, decision ids by seq)."""
+    settings = make_settings(tmp_path, mask=MASK, reload_poll_s=0)
+    client = await aiohttp_client(create_app(settings, backend=FakeBackend()))
+    ids: dict[int, str] = {}
+    results: dict[int, Any] = {}
+    for seq, (who, body, allowed) in enumerate(SUBMISSIONS, 1):
+        resp = await client.post("/v1/tasks?wait=10", json=body, headers=auth(keys[who]))
+        answer = await resp.json()
+        assert (resp.status == 200) == allowed, answer
+        ids[seq] = answer["decision_id"] if allowed else answer["error"]["decision_id"]
+        results[seq] = answer
+    return client, settings.state_dir, ids, results
+
+
+def cli(*args: str) -> list[str]:
+    return ["decisions", *args]
+
+
+async def run(*argv: str) -> int:
+    # main() runs its own event loop: off this one.
+    return await asyncio.to_thread(main, list(argv))
+
+
+def db(state: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(state / "gateway.db", isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+# --- masking -------------------------------------------------------------------------------
+
+
+async def test_masking_rules_and_secret_fields_apply_before_logging(
+    logged: Any, keys: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    client, state, ids, results = logged
+    # The agent got the real value; the log did not.
+    assert results[1]["result"]["echo"]["api_key"] == "s3cret"
+    resp = await client.get(f"/v1/decisions/{ids[1]}", headers=auth(keys["auditor"]))
+    record = await resp.json()
+    assert record["input"]["task"]["input"] == {"api_key": REDACTED, "note": "hi"}
+    assert record["input"]["subject"]["key_id"] == REDACTED
+    assert "remote_addr" not in record["input"]["request"]
+    assert record["masked"] == ["/subject/key_id", "/task/input/api_key"]
+    assert record["erased"] == ["/request/remote_addr"]
+    # Masked before hashing: the chain verifies over what was written.
+    await client.close()
+    assert await run(*cli("show", ids[1], "--state-dir", str(state))) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["input"] == record["input"]
+    assert _secret_only_in_tasks(state)
+
+
+def _secret_only_in_tasks(state: Path) -> bool:
+    """The task table keeps the input (it is what runs); the decisions table must not."""
+    with db(state) as conn:
+        assert conn.execute("SELECT count(*) FROM tasks WHERE input LIKE '%s3cret%'").fetchone()
+        hits = conn.execute("SELECT count(*) FROM decisions WHERE input LIKE '%s3cret%'")
+        return bool(hits.fetchone()[0] == 0)
+
+
+# --- list, show, export, verify --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("filters", "expected_seqs"),
+    [
+        ([], [6, 5, 4, 3, 2, 1]),
+        (["--decision", "deny"], [5, 2]),
+        (["--decision", "allow", "--agent", "calc"], [3]),
+        (["--subject", "developer"], [3]),
+        (["--kind", "message"], []),
+        (["--limit", "2"], [6, 5]),
+    ],
+    ids=["all", "denials", "allowed calc", "by subject", "by kind", "limit"],
+)
+async def test_list_filters(
+    logged: Any, capsys: pytest.CaptureFixture[str], filters: list[str], expected_seqs: list[int]
+) -> None:
+    client, state, ids, _ = logged
+    await client.close()
+    assert await run(*cli("list", "--state-dir", str(state), *filters)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [next(s for s, i in ids.items() if i in line) for line in lines] == expected_seqs
+    for line in lines:
+        verdict = line.split()[1]
+        assert verdict == ("allow" if SUBMISSIONS[_seq(ids, line) - 1][2] else "deny")
+
+
+def _seq(ids: dict[int, str], line: str) -> int:
+    return next(s for s, i in ids.items() if i in line)
+
+
+async def test_list_filters_by_time(logged: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    client, state, ids, _ = logged
+    await client.close()
+    with db(state) as conn:
+        times = {
+            r["seq"]: r["timestamp"] for r in conn.execute("SELECT seq, timestamp FROM decisions")
+        }
+    window = ["--since", times[2], "--until", times[4]]
+    assert await run(*cli("list", "--state-dir", str(state), *window)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [_seq(ids, line) for line in lines] == [4, 3, 2]
+
+
+async def test_export_is_json_lines_oldest_first_and_verifiable(
+    logged: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client, state, ids, _ = logged
+    await client.close()
+    assert await run(*cli("export", "--state-dir", str(state))) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["decision_id"] for r in records] == [ids[s] for s in range(1, 7)]
+    assert verify_chain(records).ok
+    assert await run(*cli("export", "--state-dir", str(state), "--decision", "deny")) == 0
+    denials = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["seq"] for r in denials] == [2, 5]
+
+
+async def test_show_and_verify_an_intact_log(
+    logged: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client, state, ids, _ = logged
+    await client.close()
+    assert await run(*cli("show", ids[2], "--state-dir", str(state))) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["result"]["allow"] is False
+    assert shown["result"]["reasons"] == [
+        'capability "code.eval" requires one of the roles ["developer"]'
+    ]
+    assert await run(*cli("show", "no-such-id", "--state-dir", str(state))) == 1
+    assert "no decision" in capsys.readouterr().err
+    assert await run(*cli("verify", "--state-dir", str(state))) == 0
+    assert capsys.readouterr().out.startswith("OK: 6 records checked")
+    assert await run(*cli("verify", "--state-dir", str(state / "nowhere"))) == 2
+
+
+# --- tampering with the file -----------------------------------------------------------------
+
+
+def _edit(conn: sqlite3.Connection, ids: dict[int, str]) -> str:
+    conn.execute(
+        "UPDATE decisions SET result = ?, allow = 1 WHERE seq = 2",
+        [json.dumps({"allow": True, "reasons": ["allowed"]})],
+    )
+    return ids[2]
+
+
+def _edit_and_rehash(conn: sqlite3.Connection, ids: dict[int, str]) -> str:
+    from gateway.decisionlog import chain_hash
+    from gateway.decisions import _record
+
+    row = conn.execute("SELECT * FROM decisions WHERE seq = 2").fetchone()
+    record = dict(row)
+    record["subject"] = "someone-else"
+    fixed = chain_hash(record["prev_hash"], _record(_Row(record)))
+    conn.execute(
+        "UPDATE decisions SET subject = ?, hash = ? WHERE seq = 2", ["someone-else", fixed]
+    )
+    return ids[2]
+
+
+class _Row(dict):  # type: ignore[type-arg]
+    """A dict that looks like sqlite3.Row to ``_record``."""
+
+
+def _delete(conn: sqlite3.Connection, ids: dict[int, str]) -> str:
+    conn.execute("DELETE FROM decisions WHERE seq = 3")
+    return ids[4]  # the record that lost its predecessor; the message names seq 3
+
+
+def _insert(conn: sqlite3.Connection, ids: dict[int, str]) -> str:
+    """Make room after seq 2 and insert a well-formed record, chained to seq 2."""
+    before = conn.execute("SELECT hash FROM decisions WHERE seq = 2").fetchone()[0]
+    forged = ChainBuilder(before, 2).append(
+        path="gateway/dispatch/decision",
+        input={"subject": {"id": "mallory"}},
+        result={"allow": True, "reasons": ["allowed"]},
+        revision="forged",
+        kind="dispatch",
+        allow=True,
+        subject="mallory",
+        decision_id="forged-decision",
+    )
+    conn.execute("UPDATE decisions SET seq = seq + 1000 WHERE seq >= 3")
+    conn.execute("UPDATE decisions SET seq = seq - 999 WHERE seq >= 1003")
+    row = {k: getattr(forged, k) for k in forged.__dataclass_fields__}
+    for name in ("input", "result", "labels", "metrics", "erased", "masked"):
+        row[name] = json.dumps(row[name], sort_keys=True)
+    row["allow"] = 1
+    names = ", ".join(row)
+    conn.execute(
+        f"INSERT INTO decisions ({names}) VALUES ({', '.join('?' for _ in row)})",
+        list(row.values()),
+    )
+    return "forged-decision"
+
+
+def _reorder(conn: sqlite3.Connection, ids: dict[int, str]) -> str:
+    conn.execute("UPDATE decisions SET seq = -1 WHERE seq = 3")
+    conn.execute("UPDATE decisions SET seq = 3 WHERE seq = 4")
+    conn.execute("UPDATE decisions SET seq = 4 WHERE seq = -1")
+    return ids[3] + "|" + ids[4]
+
+
+def _malformed(conn: sqlite3.Connection, ids: dict[int, str]) -> str:
+    conn.execute("UPDATE decisions SET input = '{not json' WHERE seq = 5")
+    return ids[5]
+
+
+TAMPERING = [
+    ("edited", _edit, "edited", "was edited"),
+    ("edited and re-hashed", _edit_and_rehash, "edited", "re-hashed"),
+    ("deleted", _delete, "deleted", "record seq 3 was deleted"),
+    ("inserted", _insert, "inserted", "was inserted"),
+    ("reordered", _reorder, "reordered", "out of order"),
+    ("malformed", _malformed, "edited", "malformed"),
+]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "kind", "message"),
+    [case[1:] for case in TAMPERING],
+    ids=[case[0] for case in TAMPERING],
+)
+async def test_verify_names_the_tampered_record(
+    logged: Any, capsys: pytest.CaptureFixture[str], tamper: Any, kind: str, message: str
+) -> None:
+    client, state, ids, _ = logged
+    await client.close()
+    with db(state) as conn:
+        culprit = tamper(conn, ids)
+    assert await run(*cli("verify", "--state-dir", str(state))) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("TAMPERED: ")
+    problems = out[:-1]
+    # The first problem is the one at fault, by kind, record and reason.
+    assert problems[0].startswith(kind.upper() + ":"), out
+    assert any(c in problems[0] for c in culprit.split("|")), out
+    assert message in problems[0], out
+    # Nothing else is blamed but the records touched.
+    touched = set(culprit.split("|"))
+    if kind == "inserted":  # the records after it were renumbered to make room
+        touched |= {ids[s] for s in range(3, 7)}
+    for line in problems:
+        assert any(t in line for t in touched), line
+    with capsys.disabled():
+        print("\n".join(out), file=sys.stderr)  # shown with -s: what an auditor reads
+    # Reading a damaged log still works (a malformed row is shown as such).
+    assert await run(*cli("list", "--state-dir", str(state))) == 0
+    listing = capsys.readouterr().out
+    if kind == "edited" and message == "malformed":
+        assert "MALFORMED ROW" in listing
+
+
+async def test_the_verify_endpoint_reports_tampering_to_auditors_only(
+    logged: Any, keys: dict[str, str]
+) -> None:
+    client, state, ids, _ = logged
+    resp = await client.get("/v1/decisions/verify", headers=auth(keys["auditor"]))
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert (body["ok"], body["checked"], body["problems"]) == (True, 6, [])
+    assert body["revisions"]["combined"]
+    denied = await client.get("/v1/decisions/verify", headers=auth(keys["user"]))
+    assert denied.status == 403
+    with db(state) as conn:
+        _edit(conn, ids)
+    body = await (await client.get("/v1/decisions/verify", headers=auth(keys["auditor"]))).json()
+    assert body["ok"] is False
+    assert [(p["kind"], p["decision_id"]) for p in body["problems"]] == [("edited", ids[2])]
+    # A malformed row is shown by the read endpoints, flagged, instead of failing them.
+    with db(state) as conn:
+        _malformed(conn, ids)
+    page = await (await client.get("/v1/decisions", headers=auth(keys["auditor"]))).json()
+    flagged = [d["decision_id"] for d in page["decisions"] if "malformed" in d]
+    assert flagged == [ids[5]]
+    one = await client.get(f"/v1/decisions/{ids[5]}", headers=auth(keys["auditor"]))
+    assert one.status == 200
+    assert "malformed" in await one.json()
