@@ -135,13 +135,21 @@ class RegorusPolicy:
         # exception and its traceback's frames); the garbage collector may then free it on
         # any thread, and a regorus engine dropped off its own thread is leaked with an
         # error. Hand the engine to its loop instead: the callback holds the last reference.
-        loop = getattr(self, "_loop", None)
-        if loop is None or threading.get_ident() == getattr(self, "_owner", None):
+        # With no loop to hand it to, it waits for its thread's next load.
+        owner = getattr(self, "_owner", None)
+        if "engine" not in self.__dict__ or threading.get_ident() == owner:
             return
-        engine = self.__dict__.get("engine")
-        if engine is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to do
-                loop.call_soon_threadsafe(_release, engine)
+        # Only the box references the engine from here on, and only the owner thread
+        # empties it: neither this frame nor the instance dict (freed after this returns,
+        # maybe after the loop has run the callback) may hold the last reference.
+        box = [self.__dict__.pop("engine")]
+        loop = getattr(self, "_loop", None)
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                loop.call_soon_threadsafe(box.clear)
+                return
+        with _ORPHANS_LOCK:
+            _ORPHANS.append((owner, box))
 
     @classmethod
     def load(
@@ -154,6 +162,7 @@ class RegorusPolicy:
         required: tuple[str, ...] = (DISPATCH_QUERY,),
     ) -> RegorusPolicy:
         """Compile every module under ``policy_dir``; raise ConfigError with file:line:col."""
+        _drop_orphans()
         root = Path(policy_dir)
         engine = regorus.Engine()
         names = []
@@ -163,6 +172,9 @@ class RegorusPolicy:
                 engine.add_policy(display, path.read_text(encoding="utf-8"))
             except RuntimeError as e:
                 location, reason = parse_engine_error(str(e))
+                # The error's traceback and this frame form a cycle that only the garbage
+                # collector frees, on any thread: drop the (thread-bound) engine now.
+                del engine
                 raise ConfigError(reason, location=location or display) from e
             names.append(display)
         if not names:
@@ -181,6 +193,7 @@ class RegorusPolicy:
                 location, reason = parse_engine_error(str(e))
                 if reason == "not a valid rule path":
                     reason = f"{query} is not defined by any module"
+                del engine, policy  # as above: not left to the garbage collector
                 raise ConfigError(reason, location=location or root.name) from e
         return policy
 
@@ -218,8 +231,19 @@ class RegorusPolicy:
         return interpret(value, elapsed)
 
 
-def _release(engine: Any) -> None:
-    """Run on the engine's own thread; returning drops the last reference there."""
+# Engines freed off their thread when their loop was gone: (owner thread, [engine]).
+_ORPHANS: list[tuple[int | None, list[Any]]] = []
+_ORPHANS_LOCK = threading.Lock()
+
+
+def _drop_orphans() -> None:
+    """Drop the orphaned engines that belong to the calling thread, here."""
+    me = threading.get_ident()
+    with _ORPHANS_LOCK:
+        mine = [box for owner, box in _ORPHANS if owner == me]
+        _ORPHANS[:] = [(owner, box) for owner, box in _ORPHANS if owner != me]
+    for box in mine:
+        box.clear()
 
 
 def data_documents_cached(data: dict[str, Any]) -> dict[str, Any]:

@@ -113,8 +113,12 @@ def _load(
             packages[name] = engine.add_policy(name, path.read_text(encoding="utf-8"))
         except RuntimeError as e:
             location, reason = parse_regorus_error(str(e))
+            # The error's traceback and this frame form a cycle that only the garbage
+            # collector frees, on any thread: drop the (thread-bound) engine now.
+            del engine
             raise ConfigError(reason, location=location or name) from e
         except UnicodeDecodeError as e:
+            del engine
             raise ConfigError(f"not UTF-8: {e}", location=name) from e
     merged = {**_data_documents(root), **(data or {})}
     if merged:
@@ -125,6 +129,7 @@ def _load(
         engine.eval_query("true")
     except RuntimeError as e:
         location, reason = parse_regorus_error(str(e))
+        del engine  # as above
         raise ConfigError(reason, location=location or root.name) from e
     return engine, packages
 
