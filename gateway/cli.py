@@ -153,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _remote(reload)
 
+    identity = sub.add_parser("identity", help="a running hub's JWT-SVID signing key")
+    isub = identity.add_subparsers(dest="identity_command", required=True)
+    rotate = isub.add_parser(
+        "rotate", help="sign new tokens with a new key; tokens already issued stay valid"
+    )
+    _remote(rotate)
+
     mode = sub.add_parser("mode", help="put a running hub in normal or degraded mode")
     mode.add_argument("mode", choices=["normal", "degraded", "auto"])
     _remote(mode)
@@ -311,6 +318,10 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return call_hub(args, "POST", "/v1/admin/reload")
 
 
+def cmd_identity(args: argparse.Namespace) -> int:
+    return call_hub(args, "POST", "/v1/admin/identity/rotate")
+
+
 def cmd_mode(args: argparse.Namespace) -> int:
     return call_hub(args, "POST", "/v1/admin/mode", {"mode": args.mode})
 
@@ -412,6 +423,7 @@ COMMANDS = {
     "decisions": cmd_decisions,
     "mode": cmd_mode,
     "reload": cmd_reload,
+    "identity": cmd_identity,
 }
 
 if __name__ == "__main__":

@@ -87,6 +87,14 @@ class AgentIdentities:
         """Refuse every token of ``instance_id`` (its container stopped)."""
         self.verifier.revoke_instance(instance_id)
 
+    def rotate(self) -> dict[str, Any]:
+        """Sign with a new key from now on; the old one stays published while its tokens live."""
+        previous = self.issuer.kid
+        kid = self.issuer.rotate()
+        published = [k["kid"] for k in self.issuer.jwks()["keys"]]
+        log.info("svid signing key rotated", extra={"kid": kid, "previous_kid": previous})
+        return {"kid": kid, "previous_kid": previous, "published": published}
+
     def bundle(self) -> dict[str, Any]:
         """This hub's JWT bundle as a SPIFFE JWKS document."""
         return {**self.issuer.jwks(), "spiffe_refresh_hint": self.ttl_s // 2}

@@ -247,6 +247,13 @@ async def admin_reload(request: web.Request) -> web.Response:
     )
 
 
+@routes.post("/v1/admin/identity/rotate")
+async def admin_rotate_identity_key(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    authenticate(request, role="operator")
+    return web.json_response(hub.identities.rotate())
+
+
 @routes.post("/v1/admin/mode")
 async def admin_mode(request: web.Request) -> web.Response:
     hub = request.app[HUB]

@@ -145,6 +145,13 @@ def openapi_document() -> dict[str, Any]:
                 security=auth,
             )
         },
+        "/v1/admin/identity/rotate": {
+            "post": _op(
+                "Sign new JWT-SVIDs with a new key; the old one stays in the bundle (operator)",
+                {"200": _resp("new kid, previous kid, published kids"), **_errors(401, 403)},
+                security=auth,
+            )
+        },
         "/v1/admin/mode": {
             "post": _op(
                 "Force normal or degraded mode, or 'auto' (operator)",

@@ -404,6 +404,57 @@ async def test_request_timeout_is_504_and_nothing_is_queued(ctx: Ctx) -> None:
 # --- request / reply -------------------------------------------------------------------------
 
 
+def _kid(token: str) -> str:
+    return str(jwt.get_unverified_header(token)["kid"])
+
+
+async def test_key_rotation_keeps_issued_tokens_valid(
+    ctx: Ctx, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.cli import main
+
+    old_sender = await ctx.probe(expect=0, hold_s=20)
+    target = await ctx.probe(expect=1, hold_s=20)
+    old_kid = _kid(ctx.token(old_sender))
+    url = str(ctx.client.make_url("/")).rstrip("/")
+
+    refused = await ctx.client.post(
+        "/v1/admin/identity/rotate", headers=auth(ctx.keys["developer"])
+    )
+    assert refused.status == 403
+    assert ctx.hub.identities.issuer.kid == old_kid  # a refused call rotated nothing
+
+    rc = await asyncio.to_thread(
+        main, ["identity", "rotate", "--url", url, "--key", ctx.keys["operator"]]
+    )
+    rotated = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    new_kid = rotated["kid"]
+    assert new_kid != old_kid and rotated["previous_kid"] == old_kid
+    assert rotated["published"] == [old_kid, new_kid]
+    bundle = await (await ctx.client.get("/v1/identity/bundle")).json()
+    assert [k["kid"] for k in bundle["keys"]] == [old_kid, new_kid]
+
+    # A token signed before the rotation still sends and renews; what is minted now,
+    # for a new container or by a renewal, is signed with the new key.
+    status, reply = await ctx.send(old_sender, ping("probe", n=1))
+    assert status == 200, reply
+    assert reply["reply"] == {"echo": {"n": 1}, "agent": "probe", "task_id": target.task_id}
+    renew = await ctx.client.post("/v1/identity/renew", headers=svid_auth(ctx.token(old_sender)))
+    renewed = (await renew.json())["token"]
+    assert renew.status == 200 and _kid(renewed) == new_kid
+    new_sender = await ctx.probe(expect=0, hold_s=20)
+    assert _kid(ctx.token(new_sender)) == new_kid
+    status, reply = await ctx.send(new_sender, ping("probe", n=2))
+    assert status == 200, reply
+    assert reply["reply"]["echo"] == {"n": 2}
+
+    # The new key is the signing key after a restart too, and the old one is still trusted.
+    issuer = SvidIssuer(ctx.state_dir / "svid-keys", TRUST_DOMAIN, AUDIENCE)
+    assert issuer.kid == new_kid
+    assert [k["kid"] for k in issuer.jwks()["keys"]] == [old_kid, new_kid]
+
+
 async def test_request_reply_between_two_running_agents(ctx: Ctx) -> None:
     target = await ctx.probe()
     sender = await ctx.probe(expect=0)
