@@ -140,6 +140,7 @@ class Hub:
             ),
             can_dispatch=self.dispatch_blocker,
             instances=self.instances,
+            subjects=self.keys.subject_of,
         )
         self.messages = MessageRouter(
             config=lambda: self.config,

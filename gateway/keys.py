@@ -163,6 +163,14 @@ class KeyStore:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def subject_of(self, key_id: str | None, subject_id: str) -> Subject:
+        """``subject_id`` with the roles its key ``key_id`` holds now (none once revoked)."""
+        self.refresh(every_s=0)
+        rec = self._records.get(key_id or "")
+        if rec is None or rec.subject != subject_id:
+            return Subject(id=subject_id, roles=(), key_id=key_id or "")
+        return Subject(id=rec.subject, roles=rec.roles, key_id=rec.id)
+
     def authenticate(self, key: str | None) -> Subject:
         """The subject owning ``key``, or Unauthorized saying what is wrong."""
         self.refresh()

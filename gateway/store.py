@@ -10,13 +10,14 @@ transaction that applies them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import queue
 import sqlite3
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -135,10 +136,17 @@ def _m003_task_instance(db: sqlite_utils.Database) -> None:
     db["tasks"].add_column("instance_id", str)
 
 
+def _m004_task_key_id(db: sqlite_utils.Database) -> None:
+    # The API key that submitted the task (or its root task), so that a hub restarted under
+    # a running task can give it its submitter's roles back from the keys file.
+    db["tasks"].add_column("key_id", str)
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_initial", _m001_initial),
     ("002_revisions_and_alerts", _m002_revisions_and_alerts),
     ("003_task_instance", _m003_task_instance),
+    ("004_task_key_id", _m004_task_key_id),
 ]
 
 
@@ -180,6 +188,17 @@ def _connect(path: Path, *, readonly: bool = False) -> sqlite_utils.Database:
 
 
 # --- the store ------------------------------------------------------------------------
+
+
+def _settle(settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    """On the caller's event loop: hand each write's outcome to its caller."""
+    for fut, result, error in settled:
+        if fut.cancelled():
+            continue  # the caller gave up waiting; the write happened (or failed) all the same
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
 
 
 class Store:
@@ -224,11 +243,12 @@ class Store:
         db.close()
 
     def _run_batch(self, db: sqlite_utils.Database, batch: list[Any]) -> None:
-        live = [(func, fut) for func, fut in batch if fut.set_running_or_notify_cancel()]
-        outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
+        # A caller cancelled before its write started: skip it (a started write commits).
+        live = [(func, fut, loop) for func, fut, loop in batch if not fut.cancelled()]
+        outcomes: list[tuple[asyncio.Future[Any], asyncio.AbstractEventLoop, Any, Any]] = []
         try:
             db.conn.execute("BEGIN IMMEDIATE")
-            for func, fut in live:
+            for func, fut, loop in live:
                 db.conn.execute("SAVEPOINT w")
                 try:
                     result = func(db)
@@ -237,29 +257,33 @@ class Store:
                         raise  # SQLite dropped the whole transaction: nothing committed
                     db.conn.execute("ROLLBACK TO w")
                     db.conn.execute("RELEASE w")
-                    outcomes.append((fut, None, e))
+                    outcomes.append((fut, loop, None, e))
                 else:
                     db.conn.execute("RELEASE w")
-                    outcomes.append((fut, result, None))
+                    outcomes.append((fut, loop, result, None))
             db.conn.execute("COMMIT")
         except BaseException as e:
             if db.conn.in_transaction:
                 db.conn.execute("ROLLBACK")
-            outcomes = [(fut, None, e) for _, fut in live]
-        for fut, result, error in outcomes:
-            if error is not None:
-                fut.set_exception(error)
-            else:
-                fut.set_result(result)
+            outcomes = [(fut, loop, None, e) for _, fut, loop in live]
+        # One wake-up of each waiting event loop per batch, not one per write: each costs
+        # the loop a self-pipe write and read and the writer a hand-over of the GIL.
+        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        for fut, loop, result, error in outcomes:
+            by_loop.setdefault(loop, []).append((fut, result, error))
+        for loop, settled in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, settled)
 
     async def write(self, func: Callable[[sqlite_utils.Database], T]) -> T:
         """Run ``func(db)`` as one transaction on the writer thread."""
         if self._closed:
             raise StoreUnavailable("the store is closed")
-        fut: Future[T] = Future()
-        self._queue.put((func, fut))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.put((func, fut, loop))
         try:
-            return await asyncio.wrap_future(fut)
+            return await fut
         except sqlite3.OperationalError as e:
             raise StoreUnavailable(f"cannot write the state database: {e}") from e
         except sqlite3.DatabaseError as e:
@@ -420,6 +444,28 @@ class Store:
         if task is None:
             raise UnknownTask(f"no task {task_id!r}")
         return task
+
+    async def ancestors(self, task_id: str) -> list[tuple[str, str]]:
+        """(task id, agent) of every task ``task_id`` was delegated from, the root first."""
+
+        def q(db: sqlite_utils.Database) -> list[tuple[str, str]]:
+            rows = db.execute(
+                """
+                WITH RECURSIVE up(id, agent, parent_id, depth) AS (
+                    SELECT t.id, t.agent, t.parent_id, 1 FROM tasks t
+                    WHERE t.id = (SELECT parent_id FROM tasks WHERE id = ?)
+                    UNION ALL
+                    SELECT t.id, t.agent, t.parent_id, up.depth + 1
+                    FROM tasks t JOIN up ON t.id = up.parent_id
+                    WHERE up.depth < 1000
+                )
+                SELECT id, agent FROM up ORDER BY depth DESC
+                """,
+                [task_id],
+            ).fetchall()
+            return [(r[0], r[1]) for r in rows]
+
+        return await self.read(q)
 
     async def list_tasks(
         self,

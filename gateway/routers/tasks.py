@@ -94,8 +94,12 @@ class TaskRouter:
         options: RouterOptions,
         can_dispatch: Callable[[], str | None] = lambda: None,
         instances: InstanceRegistry | None = None,
+        subjects: Callable[[str | None, str], Subject] | None = None,
     ) -> None:
         self._config = config
+        # (key id, subject id) -> the subject with its key's current roles: how a task
+        # resumed after a restart gets its submitter back (KeyStore.subject_of).
+        self._subjects = subjects or (lambda key_id, sid: Subject(sid, (), key_id or ""))
         self.store = store
         self.backend = backend
         self.agents = agents
@@ -162,6 +166,7 @@ class TaskRouter:
                 "agent": agent.name,
                 "capability": envelope.get("capability"),
                 "subject": subject.id,
+                "key_id": subject.key_id,
                 "input": envelope["input"],
                 "timeout_s": timeout_s,
                 "deadline": time.time() + timeout_s,
@@ -289,7 +294,7 @@ class TaskRouter:
         attach_to: str | None = None,
         *,
         subject: Subject | None = None,
-        lineage: tuple[LineageEntry, ...] = (),
+        lineage: tuple[LineageEntry, ...] | None = None,
     ) -> None:
         self._done[task["id"]] = asyncio.Event()
         runner = asyncio.create_task(
@@ -311,18 +316,27 @@ class TaskRouter:
         attach_to: str | None = None,
         *,
         subject: Subject | None = None,
-        lineage: tuple[LineageEntry, ...] = (),
+        lineage: tuple[LineageEntry, ...] | None = None,
     ) -> None:
-        """Drive one task to a terminal state; ``attach_to`` resumes in a running container."""
+        """Drive one task to a terminal state; ``attach_to`` resumes in a running container.
+
+        Without ``subject`` and ``lineage`` (a task resumed after a restart) both are
+        restored: the submitter's current roles from the keys file, the lineage from the store.
+        """
         task_id = task["id"]
         handle: ContainerHandle | None = None
-        # After a restart the submitter's roles are not known: delegations then carry none.
-        subject = subject or Subject(id=task.get("subject") or "", roles=(), key_id="")
         instance: Instance | None = None
         start = time.monotonic()
         timeout_s = float(task["timeout_s"])
         with bound(task_id=task_id, decision_id=task["decision_id"], agent=agent.name):
             try:
+                if subject is None:
+                    subject = self._subjects(task.get("key_id"), task.get("subject") or "")
+                if lineage is None:
+                    # Restored so the depth limit and lineage rules hold across a restart.
+                    lineage = tuple(
+                        LineageEntry(tid, name) for tid, name in await self.store.ancestors(task_id)
+                    )
                 async with asyncio.timeout(max(0.0, task["deadline"] - time.time())):
                     async with self._slots:
                         # The identity exists before the container, so the container starts

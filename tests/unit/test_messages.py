@@ -14,6 +14,8 @@ import itertools
 import json
 import re
 import shutil
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +55,8 @@ class AgentEnvBackend(FakeBackend):
         server = agent.serve_in_thread()
         cid = f"fake-msg{next(self._n)}"
         self.servers[cid] = server
+        self.labels[cid] = dict(spec.labels)
+        self.ports[cid] = server.server_port
         self.agents[spec.labels[LABEL_TASK]] = agent
         return ContainerHandle(id=cid, name=spec.name, address="127.0.0.1", port=server.server_port)
 
@@ -625,6 +629,117 @@ async def test_delegation_past_the_depth_limit_is_refused(
     record = await ctx.hub.decisions.get(body["error"]["decision_id"])
     assert record["kind"] == "message" and record["allow"] is False
     assert [s.labels[LABEL_AGENT] for s in ctx.backend.started] == ["probe"]
+
+
+async def test_a_task_resumed_after_a_restart_keeps_its_lineage_and_roles(
+    tmp_path: Path, keys: dict[str, str], aiohttp_client: Any
+) -> None:
+    """A restarted hub re-attaches running containers; what they delegate then must obey
+    the same depth limit and carry the same submitter's roles as before the restart."""
+    from gateway.http.app import create_app
+
+    released = threading.Event()
+
+    @dataclass
+    class HoldingBackend(AgentEnvBackend):
+        """The first calc holds its task until the test releases it."""
+
+        held: bool = False
+
+        async def start(self, spec: ContainerSpec) -> ContainerHandle:
+            handle = await super().start(spec)
+            agent = self.agents[spec.labels[LABEL_TASK]]
+            if spec.labels[LABEL_AGENT] == "calc" and not self.held:
+                self.held = True
+                run = agent._task
+
+                def held(input: Any, ctx: Any) -> Any:
+                    released.wait(30)
+                    return run(input, ctx)
+
+                agent._task = held
+            return handle
+
+    backend = HoldingBackend()
+    settings = make_settings(tmp_path, max_delegation_depth=1, probe_interval_s=0)
+
+    async def hub() -> Ctx:
+        client = await aiohttp_client(create_app(settings, backend=backend))
+        backend.gateway_url = str(client.make_url("")).rstrip("/")
+        return Ctx(client, backend, keys, settings.state_dir)
+
+    async def keep_containers() -> None:
+        """The engine's containers outlive the hub."""
+
+    try:
+        ctx = await hub()
+        root = await ctx.probe(expect=0, hold_s=30)
+        status, body = await ctx.send(
+            root,
+            {
+                "type": "delegate",
+                "to": "calc",
+                "kind": "task.delegate",
+                "payload": {"input": {"expression": "1"}},
+            },
+        )
+        assert status == 202, body
+        child = await ctx.running(body["task_id"])
+        assert child.depth == 1 and "developer" in root.subject.roles
+
+        backend.close = keep_containers  # type: ignore[method-assign]
+        await ctx.client.close()
+        del backend.close
+        ctx = await hub()
+        assert ctx.hub.last_recovery is not None
+        assert sorted(ctx.hub.last_recovery.reattached) == sorted([root.task_id, child.task_id])
+        root_again = await ctx.running(root.task_id)
+        child_again = await ctx.running(child.task_id)
+
+        assert child_again.instance_id == child.instance_id
+        assert child_again.lineage == child.lineage
+        assert root_again.subject.roles == root.subject.roles
+        # The re-attached child (with the token its container kept) is still at the limit...
+        status, body = await ctx.send(
+            child,
+            {"type": "delegate", "to": "echo", "kind": "task.delegate", "payload": {"input": {}}},
+        )
+        assert status == 403 and body["error"]["code"] == "delegation_too_deep", body
+        # ...and the root still acts for a developer, who alone may run code.eval.
+        status, body = await ctx.send(
+            root,
+            {
+                "type": "delegate",
+                "to": "calc",
+                "kind": "task.delegate",
+                "payload": {"input": {"expression": "2+3"}},
+            },
+            "?wait=10",
+        )
+        assert status == 200, body
+        assert body["state"] == "succeeded" and body["result"]["value"] == 5
+        released.set()
+        assert (await ctx.task(child.task_id))["result"]["value"] == 1
+        await ctx.client.close()
+    finally:
+        released.set()
+        await FakeBackend.close(backend)
+        gc.collect()
+
+
+def test_a_revoked_key_gives_a_resumed_task_no_roles(tmp_path: Path) -> None:
+    from gateway.keys import KeyStore
+
+    store = KeyStore(tmp_path / "keys.json")
+    store.create("dev", ["developer"])
+    (key_id,) = [r.id for r in store._records.values()]
+
+    assert store.subject_of(key_id, "dev").roles == ("developer",)
+    assert store.subject_of(key_id, "someone-else").roles == ()  # not the key's subject
+    KeyStore(tmp_path / "keys.json", {}).save()  # the key is revoked (file rewritten)
+    time.sleep(0.01)
+    assert store.subject_of(key_id, "dev").roles == ()
+    assert store.subject_of(None, "dev").roles == ()  # a task from before key ids were kept
 
 
 async def test_depth_limit_applies_down_a_real_chain(
