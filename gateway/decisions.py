@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import sys
-import uuid
 from typing import Any
 
 from gateway import __version__
@@ -28,6 +27,7 @@ from gateway.decisionlog import (
     verify_chain,
 )
 from gateway.errors import UnknownDecision
+from gateway.ids import uuid4_str
 from gateway.metrics import Metrics
 from gateway.policy.engine import Decision
 from gateway.store import Store
@@ -76,7 +76,7 @@ class DecisionLog:
             # change it, so it is logged as is (the deep copy cost ~60 µs per message).
             masked_input, erased, masked = input, [], []
         fields: dict[str, Any] = {
-            "decision_id": str(uuid.uuid4()),
+            "decision_id": uuid4_str(),
             "timestamp": now_rfc3339(),
             "path": path,
             "input": masked_input,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
@@ -48,9 +50,19 @@ class Metrics:
             "gateway_alerts", "Alerts raised by name", ["alert"], registry=self.registry
         )
 
+        # labels() looks its child up under a lock on every call; the children of the
+        # request metrics (one per route, method and status) are kept here instead.
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
-        self.request_seconds.labels(route).observe(seconds)
+        children = self._request_children.get((route, method, status))
+        if children is None:
+            children = self._request_children[(route, method, status)] = (
+                self.requests.labels(route, method, str(status)),
+                self.request_seconds.labels(route),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -86,7 +86,10 @@ async def post_message(request: web.Request) -> web.Response:
     sender = authenticate_agent(request)
     wait = _wait(request, hub)
     body = await read_json(request)
-    status, out = await hub.messages.send(sender, body, wait_s=wait, request=_request_info(request))
+    # Only a delegation (a child task) records where its request came from.
+    delegate = isinstance(body, dict) and body.get("type") == "delegate"
+    info = _request_info(request) if delegate else None
+    status, out = await hub.messages.send(sender, body, wait_s=wait, request=info)
     headers = {"Location": f"/v1/tasks/{out['task_id']}"} if "task_id" in out else None
     return web.json_response(out, status=status, headers=headers)
 

@@ -6,8 +6,8 @@ This is the one place where the gateway's typed errors become HTTP responses.
 from __future__ import annotations
 
 import json
+import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,6 +22,7 @@ from gateway.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from gateway.ids import uuid4_hex
 from gateway.keys import KeyStore, Subject
 from gateway.logs import bound, get_logger
 
@@ -50,7 +51,7 @@ def error_middleware(
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
+        request_id = request.headers.get("X-Request-Id") or uuid4_hex()[:16]
         start = time.perf_counter()
         route = request.match_info.route.resource
         route_name = route.canonical if route is not None else "unmatched"
@@ -72,15 +73,16 @@ def error_middleware(
             elapsed = time.perf_counter() - start
             if on_request is not None:
                 on_request(route_name, request.method, response.status, elapsed)
-            log.debug(
-                "request",
-                extra={
-                    "method": request.method,
-                    "path": request.path,
-                    "status": response.status,
-                    "ms": round(elapsed * 1000, 2),
-                },
-            )
+            if log.isEnabledFor(logging.DEBUG):  # the line's fields cost more than the check
+                log.debug(
+                    "request",
+                    extra={
+                        "method": request.method,
+                        "path": request.path,
+                        "status": response.status,
+                        "ms": round(elapsed * 1000, 2),
+                    },
+                )
             return response
 
     return middleware

@@ -17,7 +17,6 @@ Messages are not persisted. No HTTP here: ``gateway.http.agent_routes`` calls th
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +35,7 @@ from gateway.errors import (
     UnknownTopic,
 )
 from gateway.identity import VerifiedIdentity
+from gateway.ids import uuid4_str
 from gateway.instances import Instance, InstanceRegistry
 from gateway.logs import bound, get_logger
 from gateway.policy.engine import MESSAGES_QUERY, Decision
@@ -437,7 +437,7 @@ def _delivery(sender: Sender, envelope: dict[str, Any]) -> dict[str, Any]:
     """The body an agent's ``POST /message`` receives."""
     inst = sender.instance
     body: dict[str, Any] = {
-        "message_id": str(uuid.uuid4()),
+        "message_id": uuid4_str(),
         "type": envelope["type"],
         "kind": envelope["kind"],
         "payload": envelope["payload"],
