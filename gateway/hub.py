@@ -16,7 +16,7 @@ from gateway.config import Config, load_config
 from gateway.containers.backend import ContainerBackend
 from gateway.decisionlog import parse_mask_rule
 from gateway.decisions import DecisionLog
-from gateway.errors import ConfigError, Degraded, GatewayError
+from gateway.errors import ConfigError, Degraded, GatewayError, StoreUnavailable
 from gateway.instances import InstanceRegistry
 from gateway.keys import KeyStore
 from gateway.logs import get_logger
@@ -57,6 +57,7 @@ class Hub:
         self.monitor = Monitor(self)
         self.reloader = Reloader(self)
         self.recovered = False
+        self._recorded_revisions: tuple[str, str] | None = None
         self.last_recovery: RecoveryReport | None = None
         # Containers running now, their identities (JWT-SVIDs) and the messages between them.
         self.instances = InstanceRegistry()
@@ -87,15 +88,13 @@ class Hub:
         self.store = Store(s.db_path)
         self.alerts.sink = self.store.record_alert
         self.probe_policy()
-        if self._config is not None:
-            await self.store.record_policy_revision(
-                self.config.policy_revision, list(self.config.policy.modules)
-            )
-            await self.store.record_registry(
-                self.config.registry_revision,
-                self.config.registry.source,
-                self.config.registry.to_json(),
-            )
+        try:
+            await self.store.ping_write()
+        except GatewayError as e:
+            # Start degraded (reads, health, status) rather than not at all: the store probe
+            # lifts it once the database can be written, and recovery waits until then.
+            self.set_cause("store", e.message)
+        await self.record_revisions()
         self.decisions = DecisionLog(
             self.store,
             hub_id=s.hub_id,
@@ -157,7 +156,7 @@ class Hub:
         self.router.dispatch_observer = lambda agent, secs: self.metrics.dispatch_seconds.labels(
             agent
         ).observe(secs)
-        if "container_engine" not in self.degraded_reasons:
+        if self.can_recover():
             await self.recover()
         self.monitor.start()
         await self.reloader.start()
@@ -186,6 +185,27 @@ class Hub:
         return load_config(
             agents_file=s.agents_file, schemas_dir=s.schemas_dir, policies_dir=s.policies_dir
         )
+
+    def can_recover(self) -> bool:
+        """Whether restart recovery can run now (once): it needs the engine and the store."""
+        return not self.recovered and not {"container_engine", "store"} & set(self.degraded_reasons)
+
+    async def record_revisions(self) -> None:
+        """Record the revisions in force in the store (once each; later if it is read-only)."""
+        if self._config is None or "store" in self.degraded_reasons:
+            return
+        key = (self._config.policy_revision, self._config.registry_revision)
+        if key == self._recorded_revisions:
+            return
+        try:
+            await self.store.record_policy_revision(key[0], list(self._config.policy.modules))
+            await self.store.record_registry(
+                key[1], self._config.registry.source, self._config.registry.to_json()
+            )
+        except StoreUnavailable as e:
+            self.set_cause("store", e.message)  # recorded by a later monitor round
+            return
+        self._recorded_revisions = key
 
     async def recover(self) -> RecoveryReport | None:
         """Reconcile unfinished tasks with the engine's containers (once per start)."""
@@ -273,10 +293,7 @@ class Hub:
         self.last_reload_error = None
         self.alerts.resolve("reload_failed")
         self.set_cause("policy", None)
-        await self.store.record_policy_revision(new.policy_revision, list(new.policy.modules))
-        await self.store.record_registry(
-            new.registry_revision, new.registry.source, new.registry.to_json()
-        )
+        await self.record_revisions()
 
     def revisions(self) -> dict[str, str]:
         c = self.config

@@ -62,7 +62,8 @@ class Monitor:
         await self.probe_store()
         await self.hub.probe_engine()
         self.hub.probe_policy()
-        if "container_engine" not in self.hub.degraded_reasons and not self.hub.recovered:
+        await self.hub.record_revisions()
+        if self.hub.can_recover():
             await self.hub.recover()
         if "store" not in self.hub.degraded_reasons:
             await self.watchdog()

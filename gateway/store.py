@@ -209,6 +209,10 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._local = threading.local()
+        # Every reader connection, so close() can close them: left to the garbage collector,
+        # their file handles outlive the store (a volume then cannot be unmounted).
+        self._reader_dbs: list[sqlite_utils.Database] = []
+        self._reader_lock = threading.Lock()
         setup = _connect(self.path)
         self.migrations_applied = migrate(setup)
         setup.close()
@@ -296,6 +300,8 @@ class Store:
         if db is None:
             db = _connect(self.path, readonly=True)
             self._local.db = db
+            with self._reader_lock:
+                self._reader_dbs.append(db)
         return db
 
     async def read(self, func: Callable[[sqlite_utils.Database], T]) -> T:
@@ -311,6 +317,10 @@ class Store:
         self._queue.put(None)
         await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
         self._readers.shutdown(wait=True)
+        with self._reader_lock:
+            for db in self._reader_dbs:
+                db.close()  # their threads have ended (check_same_thread is off)
+            self._reader_dbs.clear()
 
     async def ping_write(self) -> None:
         """A real write to the database file (a few pages), the probe for 'store writable'.

@@ -376,3 +376,89 @@ def test_serve_keeps_its_hub_id(tmp_path: Path) -> None:
     assert first.startswith("hub-")
     assert persistent_hub_id(tmp_path) == first
     assert persistent_hub_id(tmp_path / "other") != first
+
+
+async def test_a_read_only_state_volume_means_degraded_until_writable(
+    tmp_path: Path, keys: dict[str, str], aiohttp_client: Any, small_disk: Path
+) -> None:
+    """The hub starts on a really read-only file system (remounted): it serves reads,
+    refuses dispatch and writes nothing; started again on the writable volume it recovers.
+
+    (SQLite shares one WAL index per file and process, opened read-only here, so the
+    volume coming back needs a restart to be written again; a full disk does not.)
+    """
+    settings = make_settings(tmp_path, state_dir=small_disk / "state", probe_interval_s=0)
+    first = await aiohttp_client(create_app(settings, backend=FakeBackend()))
+    done = await first.post(
+        "/v1/tasks?wait=10", json={"agent": "echo", "input": {}}, headers=auth(keys["user"])
+    )
+    task_id = (await done.json())["task_id"]
+    await first.close()  # every file of the state directory is closed now
+
+    await asyncio.to_thread(
+        subprocess.run, ["mount", "-o", "remount,ro", str(small_disk)], check=True
+    )
+    try:
+        client = await aiohttp_client(create_app(settings, backend=FakeBackend()))
+        hub = client.app[HUB]
+        assert hub.mode == "degraded"
+        assert "readonly" in hub.degraded_reasons["store"]
+        assert "degraded_store" in hub.alerts.active
+        assert not hub.recovered  # recovery writes; it waits for the store
+        read = await client.get(f"/v1/tasks/{task_id}", headers=auth(keys["user"]))
+        assert (await read.json())["state"] == "succeeded"
+        refused = await client.post(
+            "/v1/tasks", json={"agent": "echo", "input": {}}, headers=auth(keys["user"])
+        )
+        assert refused.status == 503 and refused.headers["Retry-After"]
+        assert (await refused.json())["error"]["code"] == "degraded"
+        await hub.monitor.tick()
+        assert hub.mode == "degraded" and not hub.recovered
+        await client.close()
+    finally:
+        await asyncio.to_thread(
+            subprocess.run, ["mount", "-o", "remount,rw", str(small_disk)], check=True
+        )
+    client = await aiohttp_client(create_app(settings, backend=FakeBackend()))
+    hub = client.app[HUB]
+    assert hub.mode == "normal" and hub.recovered, hub.degraded_reasons
+    again = await client.post(
+        "/v1/tasks?wait=10", json={"agent": "echo", "input": {}}, headers=auth(keys["user"])
+    )
+    assert (await again.json())["state"] == "succeeded"
+    listed = await client.get("/v1/tasks", headers=auth(keys["user"]))
+    assert len((await listed.json())["tasks"]) == 2  # the refused submission left nothing
+
+
+async def test_revisions_are_recorded_once_the_policy_loads(
+    tmp_path: Path, config_copy: Any
+) -> None:
+    """A hub that started without a valid policy records the revisions once it has one."""
+    root = config_copy()
+    good = (root / "policies" / "dispatch.rego").read_text()
+    (root / "policies" / "dispatch.rego").write_text(good + "\nthis is not rego\n")
+    settings = make_settings(
+        tmp_path,
+        probe_interval_s=0,
+        agents_file=root / "agents.yaml",
+        schemas_dir=root / "schemas",
+        policies_dir=root / "policies",
+    )
+    hub = Hub(settings, backend=FakeBackend())
+    await hub.start()
+    try:
+
+        def count(db: Any) -> tuple[int, int]:
+            return (
+                db.execute("SELECT count(*) FROM policy_revisions").fetchone()[0],
+                db.execute("SELECT count(*) FROM registry_revisions").fetchone()[0],
+            )
+
+        assert "policy" in hub.degraded_reasons
+        assert await hub.store.read(count) == (0, 0)
+        (root / "policies" / "dispatch.rego").write_text(good)
+        await hub.monitor.tick()
+        assert hub.mode == "normal"
+        assert await hub.store.read(count) == (1, 1)
+    finally:
+        await hub.stop()
