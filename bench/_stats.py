@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
 import statistics
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 
@@ -39,3 +42,16 @@ def report(name: str, figures: dict[str, Any]) -> None:
         else:
             print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
     print("JSON " + json.dumps({"bench": name, **figures}, default=str))
+
+
+async def rate(n: int, make: Callable[[int], Awaitable[Any]], concurrency: int) -> float:
+    """Calls per second of ``make(i)`` for i < n, with ``concurrency`` in flight."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with sem:
+            await make(i)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return n / (time.perf_counter() - start)

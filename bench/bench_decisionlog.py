@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._stats import report, summary
+from bench._stats import rate, report, summary
 from gateway.config import file_revisions, load_config
 from gateway.decisionlog import ChainBuilder, Masker, chain_hash, pointers_marked_secret
 from gateway.decisions import DecisionLog
@@ -114,18 +114,6 @@ def cpu_costs(config: object, policy_input: dict[str, object], n: int = 5000) ->
     }
 
 
-async def rate(n: int, make: object) -> float:
-    sem = asyncio.Semaphore(CONCURRENCY)
-
-    async def one(i: int) -> None:
-        async with sem:
-            await make(i)  # type: ignore[operator]
-
-    start = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(n)))
-    return n / (time.perf_counter() - start)
-
-
 async def throughput(
     tmp: Path, config: object, policy_input: dict[str, object]
 ) -> dict[str, object]:
@@ -150,7 +138,7 @@ async def throughput(
             secret_pointers=secret,
         )
 
-    chained = await rate(N_WRITES, logged)
+    chained = await rate(N_WRITES, logged, CONCURRENCY)
 
     # The same row, unmasked and unchained, through the same single writer.
     row = {
@@ -176,7 +164,7 @@ async def throughput(
     async def plain(i: int) -> None:
         await store.write(lambda db: db["decisions"].insert({**row, "decision_id": f"p{i}"}))
 
-    unchained = await rate(N_WRITES, plain)
+    unchained = await rate(N_WRITES, plain, CONCURRENCY)
 
     # Dispatch decisions: the policy alone (one thread, as the hub evaluates), and the policy
     # followed by the log write, 64 in flight.
@@ -200,7 +188,7 @@ async def throughput(
             secret_pointers=secret,
         )
 
-    with_log = await rate(n, decide_and_log)
+    with_log = await rate(n, decide_and_log, CONCURRENCY)
     await store.close()
     return {
         "log_writes_per_s (masked, chained)": round(chained),

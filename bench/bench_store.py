@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._stats import report
+from bench._stats import rate, report
 from gateway.decisions import DecisionLog
 from gateway.hub import Hub
 from gateway.policy.engine import Decision
@@ -53,26 +53,15 @@ def row(task_id: str, deadline: float) -> dict[str, object]:
     }
 
 
-async def rate(n: int, make: object) -> float:
-    """Writes per second for ``n`` calls of ``make(i)`` with CONCURRENCY in flight."""
-    sem = asyncio.Semaphore(CONCURRENCY)
-
-    async def one(i: int) -> None:
-        async with sem:
-            await make(i)  # type: ignore[operator]
-
-    start = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(n)))
-    return n / (time.perf_counter() - start)
-
-
 async def writes(tmp: Path) -> dict[str, float]:
     store = Store(tmp / "w.db")
     ids = [str(uuid.uuid4()) for _ in range(N)]
     deadline = time.time() + 3600
-    create = await rate(N, lambda i: store.create_task(row(ids[i], deadline)))
+    create = await rate(N, lambda i: store.create_task(row(ids[i], deadline)), CONCURRENCY)
     move = await rate(
-        N, lambda i: store.transition(ids[i], "dispatched", allowed_from=("pending",))
+        N,
+        lambda i: store.transition(ids[i], "dispatched", allowed_from=("pending",)),
+        CONCURRENCY,
     )
     log = DecisionLog(store, hub_id="bench", masking=[("/task/input/password", "mask")])
     decision = Decision(True, ("allowed",), {"network": "internal"})
@@ -89,7 +78,7 @@ async def writes(tmp: Path) -> dict[str, float]:
             task_id=ids[i],
         )
 
-    decisions = await rate(N, record)
+    decisions = await rate(N, record, CONCURRENCY)
     verify_start = time.perf_counter()
     verified = await log.verify()
     verify_rate = verified.checked / (time.perf_counter() - verify_start)
@@ -114,7 +103,7 @@ async def start_to_ready(tmp: Path, *, unfinished: bool) -> dict[str, float]:
         if not unfinished:
             await store.transition(task_id, "succeeded", allowed_from=("pending",))
 
-    await rate(1000, seed)
+    await rate(1000, seed, CONCURRENCY)
     await store.close()
     hub_id = "bench-" + secrets.token_hex(3)
     settings = Settings(

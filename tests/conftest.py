@@ -7,6 +7,7 @@ import importlib.util
 import itertools
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -121,6 +122,19 @@ class FakeBackend:
     async def close(self) -> None:
         for cid in list(self.servers):
             await self.remove(cid)
+
+
+def git(repo: Path, *args: str) -> str:
+    """Run git in ``repo`` with a fixed author and no user or system config; its stdout."""
+    env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout.strip()
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:

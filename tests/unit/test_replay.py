@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ from gateway.cli import main
 from gateway.http.app import create_app
 from gateway.policy.engine import Decision
 from gateway.replay import compare
-from tests.conftest import REPO, FakeBackend, auth, make_settings
+from tests.conftest import REPO, FakeBackend, auth, git, make_settings
 
 # (key, body, allowed): seq 1..5.
 SUBMISSIONS = [
@@ -134,18 +132,6 @@ async def test_unchanged_policies_change_nothing(
     assert "2 replayed" in capsys.readouterr().out
     assert await replay(state_dir, "--policies", str(folder), "--subject", "developer") == 0
     assert "2 replayed" in capsys.readouterr().out
-
-
-def git(repo: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
-    return subprocess.run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
-        cwd=repo,
-        check=True,
-        capture_output=True,
-        text=True,
-        env=env,
-    ).stdout.strip()
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
