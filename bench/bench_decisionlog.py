@@ -30,9 +30,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._stats import rate, report, summary
-from gateway.config import file_revisions, load_config
+from gateway.bundle.config import file_revisions, load_config
 from gateway.decisionlog import ChainBuilder, Masker, chain_hash, pointers_marked_secret
-from gateway.decisions import DecisionLog
+from gateway.decisionlog.log import DecisionLog
 from gateway.hub import Hub
 from gateway.policy.engine import DISPATCH_QUERY
 from gateway.policy.testing import run_tests

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from bench._stats import report, summary
 from gateway.http.app import create_app
-from gateway.keys import KeyStore
+from gateway.identity.apikeys import KeyStore
 from gateway.settings import REPO_ROOT, Settings
 
 RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 10

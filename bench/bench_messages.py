@@ -40,9 +40,9 @@ from aiohttp import web
 from bench._stats import report, summary
 from gateway.containers.backend import LABEL_AGENT, ContainerHandle, ContainerSpec
 from gateway.http.app import HUB, create_app
-from gateway.keys import KeyStore
+from gateway.identity.apikeys import KeyStore
+from gateway.identity.service import AgentIdentities
 from gateway.settings import REPO_ROOT, Settings
-from gateway.svids import AgentIdentities
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 N = int(args[0]) if args else 6000

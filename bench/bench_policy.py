@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._stats import report, summary
-from gateway.config import load_config
+from gateway.bundle.config import load_config
 from gateway.policy.engine import DISPATCH_QUERY
 from gateway.settings import REPO_ROOT
 

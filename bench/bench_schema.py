@@ -17,7 +17,7 @@ import jsonschema
 import referencing
 
 from bench._stats import report, summary
-from gateway.schemas import BASE_URI, SchemaSet
+from gateway.bundle.schemas import BASE_URI, SchemaSet
 from gateway.settings import REPO_ROOT
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 20000

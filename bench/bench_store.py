@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._stats import rate, report
-from gateway.decisions import DecisionLog
+from gateway.decisionlog.log import DecisionLog
 from gateway.hub import Hub
 from gateway.policy.engine import Decision
 from gateway.settings import REPO_ROOT, Settings

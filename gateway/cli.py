@@ -327,7 +327,7 @@ def cmd_mode(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from gateway.config import load_config
+    from gateway.bundle.config import load_config
 
     config = load_config(
         agents_file=args.agents, schemas_dir=args.schemas, policies_dir=args.policies
@@ -351,7 +351,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from gateway.keys import KeyStore
+    from gateway.identity.apikeys import KeyStore
 
     path = args.keys or args.state_dir / "keys.json"
     store = KeyStore.load(path)
@@ -381,8 +381,8 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_agents(args: argparse.Namespace) -> int:
-    from gateway.registry import load_registry
-    from gateway.schemas import SchemaSet
+    from gateway.bundle.registry import load_registry
+    from gateway.bundle.schemas import SchemaSet
 
     registry = load_registry(args.agents, SchemaSet.load(args.schemas))
     for spec in registry.agents.values():
@@ -407,7 +407,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_decisions(args: argparse.Namespace) -> int:
-    from gateway.decisions import run_cli
+    from gateway.decisionlog.log import run_cli
 
     return run_cli(args)
 

@@ -10,25 +10,25 @@ import contextlib
 from typing import Any
 
 from gateway import __version__
-from gateway.agent_client import AgentClient
-from gateway.alerts import Alerts
-from gateway.config import Config, load_config
+from gateway.agents.http import AgentClient
+from gateway.agents.instances import InstanceRegistry
+from gateway.bundle.config import Config, load_config
+from gateway.bundle.reload import Reloader
 from gateway.containers.backend import ContainerBackend
 from gateway.decisionlog import parse_mask_rule
-from gateway.decisions import DecisionLog
+from gateway.decisionlog.log import DecisionLog
 from gateway.errors import ConfigError, Degraded, GatewayError, StoreUnavailable
-from gateway.instances import InstanceRegistry
-from gateway.keys import KeyStore
+from gateway.health.alerts import Alerts
+from gateway.health.monitor import Monitor
+from gateway.identity.apikeys import KeyStore
+from gateway.identity.service import AgentIdentities
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
-from gateway.monitor import Monitor
-from gateway.recovery import RecoveryReport, recover
-from gateway.reload import Reloader
 from gateway.routers.messages import MessageOptions, MessageRouter
+from gateway.routers.recovery import RecoveryReport, recover
 from gateway.routers.tasks import RouterOptions, TaskRouter
 from gateway.settings import Settings
 from gateway.store import Store
-from gateway.svids import AgentIdentities
 
 log = get_logger("hub")
 
@@ -278,7 +278,7 @@ class Hub:
     # -- reload and status
 
     async def reload(self) -> dict[str, Any]:
-        """Load, validate and test the files again (gateway.reload); on any error keep the
+        """Load, validate and test the files again (gateway.bundle.reload); on any error keep the
         current config, alert, and raise ConfigError."""
         return await self.reloader.reload(trigger="api")
 

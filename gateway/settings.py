@@ -7,7 +7,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.decisionlog import parse_mask_rule
+from gateway.decisionlog.masking import parse_mask_rule
 from gateway.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

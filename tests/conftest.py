@@ -18,7 +18,7 @@ import pytest
 
 from gateway.containers.backend import ContainerHandle, ContainerSpec
 from gateway.errors import AgentUnavailable
-from gateway.keys import KeyStore
+from gateway.identity.apikeys import KeyStore
 from gateway.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent

@@ -16,8 +16,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.instances import Instance
-from gateway.svids import KEY_DIR
+from gateway.agents.instances import Instance
+from gateway.identity.service import KEY_DIR
 
 AUDIENCE = "agent-gateway"
 TRUST_DOMAIN = "agent-gateway.local"

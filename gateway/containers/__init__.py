@@ -1,0 +1,16 @@
+"""Where agents run: the container backend interface and its implementations.
+
+Parts:
+
+- ``backend``: the interface (``ContainerBackend``), ``ContainerSpec``, ``ContainerHandle``
+  and the labels every managed container carries;
+- ``docker``: ``DockerBackend``, the local Docker engine through docker-py in a thread pool;
+- ``guardrails``: a policy decision's sandbox turned into a container spec, refusing what it
+  cannot enforce (``build_spec``);
+- ``images``: building the example agents' images.
+"""
+
+from gateway.containers.backend import ContainerBackend, ContainerHandle, ContainerSpec
+from gateway.containers.guardrails import build_spec
+
+__all__ = ["ContainerBackend", "ContainerHandle", "ContainerSpec", "build_spec"]

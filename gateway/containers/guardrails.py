@@ -13,6 +13,7 @@ import secrets
 import time
 from typing import Any
 
+from gateway.bundle.registry import AgentSpec
 from gateway.containers.backend import (
     LABEL_AGENT,
     LABEL_EXPIRES,
@@ -22,7 +23,6 @@ from gateway.containers.backend import (
     ContainerSpec,
 )
 from gateway.errors import GuardrailViolation
-from gateway.registry import AgentSpec
 
 MIN_MEMORY = 16 * 1024 * 1024
 MAX_MEMORY = 8 * 1024**3

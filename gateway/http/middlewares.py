@@ -22,8 +22,8 @@ from gateway.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from gateway.identity.apikeys import KeyStore, Subject
 from gateway.ids import uuid4_hex
-from gateway.keys import KeyStore, Subject
 from gateway.logs import bound, get_logger
 
 log = get_logger("http")

@@ -21,9 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.agent_client import Accepted
-from gateway.agent_wire import AgentWire
-from gateway.config import MESSAGE_SCHEMA, RESULT_SCHEMA, Config
+from gateway.agents.base import Accepted
+from gateway.agents.instances import Instance, InstanceRegistry
+from gateway.agents.wire import AgentWire
+from gateway.bundle.config import MESSAGE_SCHEMA, RESULT_SCHEMA, Config
+from gateway.bundle.registry import AgentSpec
 from gateway.errors import (
     AgentNotRunning,
     DelegationTooDeep,
@@ -34,12 +36,10 @@ from gateway.errors import (
     UnknownMessageKind,
     UnknownTopic,
 )
-from gateway.identity import VerifiedIdentity
+from gateway.identity.svid import VerifiedIdentity
 from gateway.ids import uuid4_str
-from gateway.instances import Instance, InstanceRegistry
 from gateway.logs import bound, get_logger
 from gateway.policy.engine import MESSAGES_QUERY, Decision
-from gateway.registry import AgentSpec
 from gateway.routers.tasks import DecisionSink, TaskRouter
 from gateway.store import TERMINAL_STATES
 

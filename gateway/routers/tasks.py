@@ -18,8 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gateway.agent_client import Accepted, AgentClient, AgentReplyError
-from gateway.config import TASK_SCHEMA, Config
+from gateway.agents import Accepted, AgentClient, AgentReplyError
+from gateway.agents.instances import Instance, InstanceRegistry, LineageEntry
+from gateway.bundle.config import TASK_SCHEMA, Config
+from gateway.bundle.registry import AgentSpec
 from gateway.containers.backend import ContainerBackend, ContainerHandle
 from gateway.containers.guardrails import build_spec
 from gateway.errors import (
@@ -32,11 +34,9 @@ from gateway.errors import (
     SchemaViolation,
     UnknownTask,
 )
-from gateway.instances import Instance, InstanceRegistry, LineageEntry
-from gateway.keys import Subject
+from gateway.identity.apikeys import Subject
 from gateway.logs import bound, get_logger
 from gateway.policy.engine import DISPATCH_QUERY, Decision
-from gateway.registry import AgentSpec
 from gateway.store import ACTIVE_STATES, TERMINAL_STATES, Store
 
 log = get_logger("tasks")
@@ -618,7 +618,7 @@ def _sees_all(subject: Subject) -> bool:
 
 
 def _secret_pointers(config: Config, agent: AgentSpec) -> list[str]:
-    from gateway.decisionlog import pointers_marked_secret
+    from gateway.decisionlog.masking import pointers_marked_secret
 
     doc = config.schemas.documents.get(agent.input_schema)
     return pointers_marked_secret(doc, "/task/input") if isinstance(doc, dict) else []

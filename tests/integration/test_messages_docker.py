@@ -22,9 +22,9 @@ import docker
 import pytest
 from aiohttp import web
 
+from gateway.agents.instances import Instance
 from gateway.http.app import HUB, create_app
 from gateway.hub import Hub
-from gateway.instances import Instance
 from tests.conftest import auth, make_settings
 from tests.integration.conftest import RUN_ID, cleanup_hub, registry_file
 from tests.messaging import svid_auth, until

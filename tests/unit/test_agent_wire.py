@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from gateway.agent_client import Accepted, AgentReplyError
-from gateway.agent_wire import AgentWire
+from gateway.agents import Accepted, AgentReplyError
+from gateway.agents.wire import AgentWire
 from gateway.containers.backend import ContainerHandle
 from gateway.errors import AgentTimeout, AgentUnavailable
 from tests.conftest import load_example

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from gateway.bundle.config import load_config
+from gateway.bundle.registry import load_registry
+from gateway.bundle.schemas import SchemaSet
 from gateway.cli import main
-from gateway.config import load_config
 from gateway.errors import ConfigError
-from gateway.registry import load_registry
-from gateway.schemas import SchemaSet
 from tests.conftest import REPO
 
 SCHEMAS = SchemaSet.load(REPO / "schemas")

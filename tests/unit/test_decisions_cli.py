@@ -185,7 +185,7 @@ def _edit(conn: sqlite3.Connection, ids: dict[int, str]) -> str:
 
 def _edit_and_rehash(conn: sqlite3.Connection, ids: dict[int, str]) -> str:
     from gateway.decisionlog import chain_hash
-    from gateway.decisions import _record
+    from gateway.decisionlog.log import _record
 
     row = conn.execute("SELECT * FROM decisions WHERE seq = 2").fetchone()
     record = dict(row)

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
+from gateway.bundle.registry import AgentSpec
 from gateway.containers.guardrails import build_spec
 from gateway.errors import GuardrailViolation, Unauthorized
-from gateway.keys import KeyStore
-from gateway.registry import AgentSpec
+from gateway.identity.apikeys import KeyStore
 
 AGENT = AgentSpec(
     name="echo",

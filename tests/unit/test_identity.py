@@ -1,4 +1,4 @@
-"""JWT-SVID issuing and verification (gateway.identity)."""
+"""JWT-SVID issuing and verification (gateway.identity.svid)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import jwt
 import pytest
 from spiffe import JwtBundle, JwtSvid, TrustDomain
 
-import gateway.identity as identity
+import gateway.identity.svid as identity
 from gateway.errors import ConfigError, Unauthorized
-from gateway.identity import (
+from gateway.identity.svid import (
     ExpiredToken,
     InvalidToken,
     RevokedToken,

@@ -25,12 +25,12 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from gateway.agents.instances import Instance
 from gateway.containers.backend import LABEL_AGENT, LABEL_TASK, ContainerHandle, ContainerSpec
 from gateway.errors import AgentUnavailable
 from gateway.http.app import HUB
 from gateway.hub import Hub
-from gateway.identity import SvidIssuer
-from gateway.instances import Instance
+from gateway.identity.svid import SvidIssuer
 from tests.conftest import REPO, FakeBackend, auth, load_example, make_settings
 from tests.messaging import AUDIENCE, TRUST_DOMAIN, bad_tokens, claims, svid_auth, until
 
@@ -728,7 +728,7 @@ async def test_a_task_resumed_after_a_restart_keeps_its_lineage_and_roles(
 
 
 def test_a_revoked_key_gives_a_resumed_task_no_roles(tmp_path: Path) -> None:
-    from gateway.keys import KeyStore
+    from gateway.identity.apikeys import KeyStore
 
     store = KeyStore(tmp_path / "keys.json")
     store.create("dev", ["developer"])
@@ -898,7 +898,7 @@ async def test_svid_from_a_configured_trust_bundle_is_verified_then_policy_decid
 
 
 def test_policy_directory_without_messages_policy_is_refused(tmp_path: Path) -> None:
-    from gateway.config import load_config
+    from gateway.bundle.config import load_config
     from gateway.errors import ConfigError
 
     policies = tmp_path / "policies"

@@ -19,7 +19,7 @@ import pytest
 import sqlite_utils
 from aiohttp import web
 
-from gateway.config import load_config
+from gateway.bundle.config import load_config
 from gateway.containers.backend import LABEL_TASK
 from gateway.containers.guardrails import build_spec
 from gateway.http.app import HUB, create_app
@@ -154,15 +154,7 @@ async def test_each_task_ends_exactly_once(tmp_path: Path) -> None:
 async def test_old_database_is_upgraded(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     db = sqlite_utils.Database(sqlite3.connect(path, isolation_level=None))
-    first = MIGRATIONS[:1]
-    import gateway.store as store_module
-
-    saved = store_module.MIGRATIONS
-    store_module.MIGRATIONS = first
-    try:
-        assert migrate(db) == ["001_initial"]
-    finally:
-        store_module.MIGRATIONS = saved
+    assert migrate(db, MIGRATIONS[:1]) == ["001_initial"]
     db.execute(
         "INSERT INTO tasks (id, state, agent, created_at, updated_at) VALUES ('t1', 'succeeded',"
         " 'echo', '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z')"

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
+from gateway.bundle.revision import split_revision
 from gateway.cli import main
 from gateway.http.app import HUB, create_app
-from gateway.revision import split_revision
 from gateway.settings import Settings, SettingsError
 from tests.conftest import FakeBackend, auth, make_settings
 

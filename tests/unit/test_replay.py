@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from gateway.cli import main
+from gateway.decisionlog.replay import compare
 from gateway.http.app import create_app
 from gateway.policy.engine import Decision
-from gateway.replay import compare
 from tests.conftest import REPO, FakeBackend, auth, git, make_settings
 
 # (key, body, allowed): seq 1..5.

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import revision
-from gateway.revision import Revision, content_hash, revision_of
+from gateway.bundle import revision
+from gateway.bundle.revision import Revision, content_hash, revision_of
 from tests.conftest import git
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")

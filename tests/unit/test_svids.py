@@ -1,4 +1,4 @@
-"""The hub's identity service (gateway.svids) and its settings and flags."""
+"""The hub's identity service (gateway.identity.service) and its settings and flags."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 
 from gateway.cli import build_parser
 from gateway.errors import ConfigError, InvalidToken, RevokedToken, Unauthorized
-from gateway.identity import SvidIssuer
+from gateway.identity.service import KEY_DIR, AgentIdentities
+from gateway.identity.svid import SvidIssuer
 from gateway.settings import SettingsError
-from gateway.svids import KEY_DIR, AgentIdentities
 from tests.conftest import make_settings
 
 TD = "agent-gateway.local"

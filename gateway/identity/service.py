@@ -1,6 +1,6 @@
 """The hub's identity service: mint, verify, renew and revoke agents' JWT-SVIDs.
 
-Wraps ``gateway.identity`` (issuer and verifier) with what the hub decides: where the
+Wraps ``gateway.identity.svid`` (issuer and verifier) with what the hub decides: where the
 signing keys live (``<state-dir>/svid-keys``), the audience, the token lifetime, which other
 trust domains are trusted (JWKS files, e.g. from a SPIRE server), and which container
 instances are alive (a token is refused once its instance is closed).
@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import ConfigError, InvalidToken, Unauthorized
-from gateway.identity import IssuedSvid, SvidIssuer, TokenVerifier, VerifiedIdentity
-from gateway.instances import SVID_ENV
+from gateway.identity.svid import IssuedSvid, SvidIssuer, TokenVerifier, VerifiedIdentity
 from gateway.logs import get_logger
 
 log = get_logger("svids")
 KEY_DIR = "svid-keys"
+# The environment variable that hands a container its JWT-SVID (read by the agent SDK).
+SVID_ENV = "AGENT_SVID"
 
 
 class AgentIdentities:

@@ -1,6 +1,6 @@
 """The decision log as the hub uses it: mask, chain, store, query, and its CLI.
 
-Record shapes, masking and chain verification live in ``gateway.decisionlog`` (pure
+Record shapes, masking and chain verification live in ``gateway.decisionlog.records`` (pure
 functions); this module adds the SQLite side. The chain head is read inside the same write
 transaction that appends, so concurrent decisions cannot fork the chain.
 """
@@ -15,17 +15,16 @@ import sys
 from typing import Any
 
 from gateway import __version__
-from gateway.decisionlog import (
+from gateway.decisionlog.masking import Masker
+from gateway.decisionlog.records import (
     GENESIS_HASH,
     DecisionRecord,
-    Masker,
-    VerifyReport,
     chain_hash,
     now_rfc3339,
     record_from_row,
     record_to_json,
-    verify_chain,
 )
+from gateway.decisionlog.verify import VerifyReport, verify_chain
 from gateway.errors import UnknownDecision
 from gateway.ids import uuid4_str
 from gateway.metrics import Metrics
@@ -215,7 +214,7 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"error: no database at {db_path}", file=sys.stderr)
         return 2
     if args.decisions_command == "replay":
-        from gateway.replay import run_replay
+        from gateway.decisionlog.replay import run_replay
 
         return run_replay(args, db_path)
 

@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway.containers.backend import ContainerHandle
-from gateway.keys import Subject
+from gateway.identity.apikeys import Subject
 from gateway.logs import get_logger
 
 log = get_logger("instances")
-SVID_ENV = "AGENT_SVID"
 
 
 @dataclass(frozen=True, slots=True)

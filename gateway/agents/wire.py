@@ -15,7 +15,7 @@ import contextlib
 import json
 from typing import Any
 
-from gateway.agent_client import MAX_REPLY_BYTES, Accepted, AgentReplyError
+from gateway.agents.base import MAX_REPLY_BYTES, Accepted, AgentReplyError
 from gateway.containers.backend import ContainerHandle
 from gateway.errors import AgentTimeout, AgentUnavailable
 

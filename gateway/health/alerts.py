@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
+from gateway.clock import utcnow
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 
@@ -57,10 +57,6 @@ class Alert:
         return body
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 class Alerts:
     """The hub's active alerts, with a bounded history of resolved ones."""
 
@@ -87,7 +83,9 @@ class Alerts:
         existing = self.active.get(name)
         if existing is not None and existing.message == message:
             return existing
-        alert = Alert(name, message, severity, details, existing.started_at if existing else _now())
+        alert = Alert(
+            name, message, severity, details, existing.started_at if existing else utcnow("seconds")
+        )
         self.active[name] = alert
         log.warning("alert", extra={"alert": name, "severity": severity, "detail": message})
         if existing is None and self.metrics is not None:
@@ -100,7 +98,7 @@ class Alerts:
         alert = self.active.pop(name, None)
         if alert is None:
             return
-        alert.resolved_at = _now()
+        alert.resolved_at = utcnow("seconds")
         self.resolved = [*self.resolved[-49:], alert]
         log.info("alert resolved", extra={"alert": name})
         self._notify(alert)

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.bundle.registry import Registry, load_registry
+from gateway.bundle.revision import combined_revision, revision_of
+from gateway.bundle.schemas import SchemaSet
 from gateway.policy.engine import DISPATCH_QUERY, MESSAGES_QUERY, RegorusPolicy
-from gateway.registry import Registry, load_registry
-from gateway.revision import combined_revision, revision_of
-from gateway.schemas import SchemaSet
 
 TASK_SCHEMA = "task.schema.json"
 MESSAGE_SCHEMA = "messages/envelope.schema.json"

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
+from gateway.bundle.schemas import SchemaSet
 from gateway.errors import ConfigError, UnknownAgent, UnknownCapability
-from gateway.schemas import SchemaSet
 
 REGISTRY_SCHEMA = "agents.schema.json"
 

@@ -16,7 +16,7 @@ made them, so the new engine is compiled on the loop thread (tens of ms); git an
 hashing run in worker threads, and so do the policy tests, whose throwaway engines live and
 die in that one thread.
 
-The watcher polls a content hash (``gateway.revision.content_hash``) every
+The watcher polls a content hash (``gateway.bundle.revision.content_hash``) every
 ``Settings.reload_poll_s`` seconds: no inotify dependency, and it sees edits made through
 any path (editors that replace files, git checkouts, bind mounts).
 """
@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.config import Config, file_revisions, load_config
+from gateway.bundle.config import Config, file_revisions, load_config
+from gateway.bundle.revision import content_hash
+from gateway.clock import utcnow
 from gateway.errors import ConfigError, GatewayError, PolicyTestsFailed
 from gateway.logs import get_logger
 from gateway.policy.engine import DISPATCH_QUERY, MESSAGES_QUERY, parse_engine_error
 from gateway.policy.testing import TestReport, run_tests
-from gateway.revision import content_hash
 
 if TYPE_CHECKING:
     from gateway.hub import Hub
@@ -47,10 +47,6 @@ RECENT_INPUTS = 100
 # A change is acted on once two reads this far apart agree: an editor or a checkout may be
 # half-way through writing several files.
 SETTLE_S = 0.2
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def check_tests(report: TestReport) -> None:
@@ -236,7 +232,7 @@ class Reloader:
             self.reloads += 1
             ms = round((time.perf_counter() - started) * 1000, 1)
             self.last_reload = {
-                "at": _now(),
+                "at": utcnow(),
                 "trigger": trigger,
                 "revisions": self.hub.revisions(),
                 "ms": ms,
@@ -284,7 +280,7 @@ class Reloader:
         error: dict[str, Any] = {
             "message": e.message,
             "location": e.location,
-            "at": _now(),
+            "at": utcnow(),
             "trigger": trigger,
             "kept_revisions": kept,
         }

@@ -1,4 +1,4 @@
-"""The hub's HTTP client for agents: readiness probe and task hand-off.
+"""The hub's aiohttp client for agents: readiness probe and task hand-off.
 
 Every transport failure leaves as AgentUnavailable and every timeout as AgentTimeout, so
 the task router only deals with the gateway's own errors.
@@ -9,29 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
+from gateway.agents.base import MAX_REPLY_BYTES, Accepted, AgentReplyError
 from gateway.containers.backend import ContainerHandle
-from gateway.errors import AgentError, AgentTimeout, AgentUnavailable
-
-MAX_REPLY_BYTES = 8 * 1024 * 1024
-
-
-class AgentReplyError(AgentError):
-    """The agent answered with an error (its code and message are kept)."""
-
-    def __init__(self, message: str, *, status: int, agent_error: Any = None) -> None:
-        super().__init__(message, details={"agent_status": status, "agent_error": agent_error})
-
-
-@dataclass(frozen=True)
-class Accepted:
-    """The agent answered 202: it will report the result later (``POST /v1/tasks/{id}/result``)."""
-
-    body: Any
+from gateway.errors import AgentTimeout, AgentUnavailable
 
 
 class AgentClient:

@@ -38,10 +38,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.decisions import row_to_json
+from gateway.bundle.revision import revision_of, split_revision
+from gateway.decisionlog.log import row_to_json
 from gateway.errors import ConfigError
 from gateway.policy.engine import Decision, RegorusPolicy
-from gateway.revision import revision_of, split_revision
 
 GIT_TIMEOUT_S = 30.0
 CHANGE_KINDS = ("allow→deny", "deny→allow", "reasons", "sandbox")
@@ -255,8 +255,8 @@ def read_log(db_path: Path, args: argparse.Namespace) -> tuple[list[dict[str, An
 
 def _fallback_registry(args: argparse.Namespace, latest: Any) -> dict[str, Any]:
     if args.agents is not None:
-        from gateway.registry import load_registry
-        from gateway.schemas import SchemaSet
+        from gateway.bundle.registry import load_registry
+        from gateway.bundle.schemas import SchemaSet
 
         schemas = SchemaSet.load(Path(args.agents).parent / "schemas")
         return load_registry(Path(args.agents), schemas).to_json()

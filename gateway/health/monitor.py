@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import time
 from typing import TYPE_CHECKING
 
+from gateway.clock import iso_utc
 from gateway.containers.backend import LABEL_TASK
 from gateway.errors import GatewayError
 from gateway.logs import get_logger
@@ -19,14 +19,6 @@ if TYPE_CHECKING:
     from gateway.hub import Hub
 
 log = get_logger("monitor")
-
-
-def _iso(ts: float) -> str:
-    return (
-        dt.datetime.fromtimestamp(ts, dt.UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
 
 
 class Monitor:
@@ -83,7 +75,7 @@ class Monitor:
     async def watchdog(self) -> None:
         """Alert when tasks have waited a whole window and nothing was dispatched in it."""
         window = self.hub.settings.watchdog_window_s
-        since = _iso(time.time() - window)
+        since = iso_utc(time.time() - window)
 
         def q(db: object) -> tuple[int, str | None]:
             waiting = db.execute(  # type: ignore[attr-defined]

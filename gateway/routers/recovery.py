@@ -11,7 +11,7 @@ Runs once when the hub starts, after config is loaded and before new work is acc
 - its agent is no longer in the registry    -> ``failed``
 
 Containers labelled with this hub's id that no unfinished task owns are orphans: alerted,
-then removed. The same scan runs periodically (``gateway.monitor``).
+then removed. The same scan runs periodically (``gateway.health.monitor``).
 """
 
 from __future__ import annotations

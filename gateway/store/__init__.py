@@ -1,0 +1,14 @@
+"""Durable state. All SQL of the hub lives in this package.
+
+Parts:
+
+- ``migrations``: the schema as named, ordered migrations, each recorded in the
+  transaction that applies it;
+- ``sqlite``: ``Store``, one writer thread with group commit and a pool of readers (the
+  Datasette pattern): tasks and their history, idempotency keys, revisions, decisions, alerts.
+"""
+
+from gateway.store.migrations import MIGRATIONS, migrate
+from gateway.store.sqlite import ACTIVE_STATES, TERMINAL_STATES, Store
+
+__all__ = ["ACTIVE_STATES", "MIGRATIONS", "TERMINAL_STATES", "Store", "migrate"]
