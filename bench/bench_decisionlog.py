@@ -31,7 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._stats import rate, report, summary
 from gateway.bundle.config import file_revisions, load_config
-from gateway.decisionlog import ChainBuilder, Masker, chain_hash, pointers_marked_secret
+from gateway.decisionlog import (
+    ChainBuilder,
+    Masker,
+    chain_hash,
+    pointers_marked_secret,
+    record_to_json,
+    record_to_row,
+)
 from gateway.decisionlog.log import DecisionLog
 from gateway.hub import Hub
 from gateway.policy.engine import DISPATCH_QUERY
@@ -284,13 +291,7 @@ async def verify_speed(
     store = Store(tmp / "verify.db")
 
     def bulk(db: object) -> None:
-        rows = []
-        for r in records:
-            row = {name: getattr(r, name) for name in r.__dataclass_fields__}
-            for name in ("input", "result", "labels", "metrics", "erased", "masked"):
-                row[name] = json.dumps(row[name], sort_keys=True)
-            row["allow"] = 1
-            rows.append(row)
+        rows = [record_to_row(record_to_json(r)) for r in records]
         db["decisions"].insert_all(rows, batch_size=1000)  # type: ignore[index]
 
     await store.write(bulk)

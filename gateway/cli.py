@@ -9,10 +9,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.errors import ConfigError
 from gateway.settings import REPO_ROOT, Settings, SettingsError
+
+if TYPE_CHECKING:
+    from gateway.decisionlog.log import DecisionLog
+    from gateway.decisionlog.replay import ReplayReport
 
 
 def _paths(p: argparse.ArgumentParser) -> None:
@@ -147,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RULE",
         help="decision-log masking rule 'mask:/json/pointer' or 'erase:/json/pointer' (repeat)",
     )
+    serve.add_argument(
+        "--no-log-api-reads",
+        dest="log_api_reads",
+        action="store_false",
+        help="do not log allowed API reads (denials and state changes are always logged)",
+    )
 
     reload = sub.add_parser(
         "reload", help="make a running hub reload (validate, test, then swap) its files"
@@ -245,10 +255,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from gateway import logs
-    from gateway.http.app import HUB, create_app
+    from gateway.http.agent_app import start_listeners
+    from gateway.http.app import create_app
 
     logs.configure(args.log_level)
     settings = Settings(
@@ -272,29 +281,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         trust_bundles=tuple(args.trust_bundle),
         reload_poll_s=args.reload_poll,
         mask=tuple(args.mask),
+        log_api_reads=args.log_api_reads,
     )
     app = create_app(settings)
 
     async def run() -> None:
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        hosts = [settings.host]
-        agent_host = app[HUB].facts.get("internal_gateway")
-        # Agents on the internal network reach the hub at the network's gateway address.
-        if agent_host and settings.host not in ("0.0.0.0", "::", agent_host):
-            hosts.append(agent_host)
-        for host in hosts:
-            await web.TCPSite(runner, host, settings.port).start()
-        print(
-            json.dumps(
-                {"msg": "listening", "urls": [f"http://{h}:{settings.port}" for h in hosts]}
-            ),
-            file=sys.stderr,
-        )
+        # Agents reach the hub at the internal network's gateway address, where a second
+        # app on the same hub serves only the agent routes (gateway.http.agent_app).
+        listeners = await start_listeners(app, host=settings.host, port=settings.port)
+        print(json.dumps({"msg": "listening", "urls": listeners.urls}), file=sys.stderr)
         try:
             await asyncio.Event().wait()
         finally:
-            await runner.cleanup()
+            await listeners.close()
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
@@ -391,9 +390,9 @@ def cmd_agents(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from gateway.store import Store
+    from gateway.store import Store, Task
 
-    async def run() -> list[dict[str, Any]]:
+    async def run() -> list[Task]:
         store = Store(args.state_dir / "gateway.db")
         try:
             tasks, _ = await store.list_tasks(state=args.state, limit=args.limit)
@@ -402,14 +401,166 @@ def cmd_tasks(args: argparse.Namespace) -> int:
             await store.close()
 
     for t in asyncio.run(run()):
-        print(f"{t['id']}  {t['state']:10} {t['agent']:12} {t['created_at']}")
+        print(f"{t.id}  {t.state:10} {t.agent:12} {t.created_at}")
     return 0
 
 
-def cmd_decisions(args: argparse.Namespace) -> int:
-    from gateway.decisionlog.log import run_cli
+# --- agent-gateway decisions list|show|verify|export|replay ---------------------------------
 
-    return run_cli(args)
+
+def cmd_decisions(args: argparse.Namespace) -> int:
+    """Run a ``decisions`` subcommand against the state directory's database."""
+    db_path = args.state_dir / "gateway.db"
+    if not db_path.exists():
+        print(f"error: no database at {db_path}", file=sys.stderr)
+        return 2
+    if args.decisions_command == "replay":
+        return _decisions_replay(args, db_path)
+
+    from gateway.decisionlog.log import DecisionLog
+    from gateway.store import Store
+
+    async def run() -> int:
+        store = Store(db_path)
+        log = DecisionLog(store, hub_id="cli")
+        try:
+            if args.decisions_command == "show":
+                return await _decisions_show(log, args.decision_id)
+            if args.decisions_command == "verify":
+                return await _decisions_verify(log)
+            return await _decisions_list(log, args)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+async def _decisions_show(log: DecisionLog, decision_id: str) -> int:
+    from gateway.errors import UnknownDecision
+
+    try:
+        print(json.dumps(await log.get(decision_id), indent=2))
+    except UnknownDecision as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _decisions_verify(log: DecisionLog) -> int:
+    report = await log.verify()
+    for problem in report.problems:
+        print(
+            f"{problem['kind'].upper()}: seq {problem['seq']} "
+            f"({problem['decision_id']}): {problem['message']}"
+        )
+    state = "OK" if report.ok else "TAMPERED"
+    print(f"{state}: {report.checked} records checked, head {report.head}")
+    return 0 if report.ok else 1
+
+
+async def _decisions_list(log: DecisionLog, args: argparse.Namespace) -> int:
+    """``list`` (newest first, one line each) and ``export`` (JSON Lines, oldest first)."""
+    allow = None if args.decision is None else args.decision == "allow"
+    records: list[dict[str, Any]] = []
+    before = None
+    while len(records) < args.limit:
+        page, before = await log.list(
+            allow=allow,
+            agent=args.agent,
+            subject=args.subject,
+            kind=args.kind,
+            since=args.since,
+            until=args.until,
+            limit=min(500, args.limit - len(records)),
+            before=before,
+        )
+        records.extend(page)
+        if before is None:
+            break
+    if args.decisions_command == "export":
+        for rec in reversed(records):
+            sys.stdout.write(json.dumps(rec, sort_keys=True) + "\n")
+        return 0
+    for rec in records:
+        verdict = "allow" if rec["result"].get("allow") is True else "deny "
+        reasons = "; ".join(str(r) for r in rec["result"].get("reasons") or [])
+        if "malformed" in rec:
+            reasons = f"MALFORMED ROW ({rec['malformed']})"
+        print(
+            f"{rec.get('timestamp')}  {verdict}  {rec.get('kind') or '-':8}  "
+            f"{rec.get('subject') or '-':10} {rec.get('agent') or '-':10} "
+            f"{rec.get('decision_id')}  {reasons}"
+        )
+    return 0
+
+
+def _decisions_replay(args: argparse.Namespace, db_path: Path) -> int:
+    """``decisions replay``: 0 nothing would change, 1 something would, 2 an error."""
+    from gateway.decisionlog.replay import ReplayError, replay_log
+    from gateway.errors import StoreUnavailable
+
+    try:
+        report = replay_log(
+            db_path,
+            args.policies,
+            repo=args.repo,
+            policies_path=args.policies_path,
+            agents_file=args.agents,
+            allow=None if args.decision is None else args.decision == "allow",
+            agent=args.agent,
+            subject=args.subject,
+            kind=args.kind,
+            since=args.since,
+            until=args.until,
+            limit=args.limit,
+        )
+    except (ReplayError, StoreUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"error: the replayed policies do not load: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+    else:
+        sys.stdout.write(format_replay_report(report))
+    return 1 if report.changes else 0
+
+
+def _verdict(result: dict[str, Any]) -> str:
+    allowed = "allow" if result.get("allow") is True else "deny"
+    reasons = "; ".join(str(r) for r in result.get("reasons") or [])
+    sandbox = result.get("sandbox")
+    extra = f" sandbox={json.dumps(sandbox, sort_keys=True)}" if sandbox else ""
+    return f"{allowed} ({reasons}){extra}"
+
+
+def format_replay_report(report: ReplayReport) -> str:
+    """A replay report as text: one block per change, then the summary."""
+    lines = [f"replayed the decision log under {report.policies} at {report.revision}"]
+    lines.append(
+        "note: inputs are replayed as logged, after masking: masked fields read "
+        '"**REDACTED**" and erased ones are absent'
+        + (f" ({report.masked_inputs} of these inputs have some)" if report.masked_inputs else "")
+    )
+    for c in report.changes:
+        lines.append("")
+        lines.append(
+            f"{c.change.upper():11} {c.timestamp}  {c.kind:8} {c.subject or '-'}  "
+            f"{c.agent or '-'}  {c.decision_id}"
+        )
+        lines.append(f"    logged:   {_verdict(c.before)}")
+        lines.append(f"    replayed: {_verdict(c.after)}")
+        if c.note:
+            lines.append(f"    note: {c.note}")
+    counts = ", ".join(f"{k} {v}" for k, v in report.counts().items())
+    lines.append("")
+    lines.append(
+        f"{report.replayed} replayed, {report.unchanged} unchanged, "
+        f"{len(report.changes)} would change ({counts})"
+        + (f", {len(report.skipped)} malformed rows skipped" if report.skipped else "")
+    )
+    return "\n".join(lines) + "\n"
 
 
 COMMANDS = {

@@ -1,5 +1,22 @@
 """The gateway's closed set of errors.
 
+```
+GatewayError (500 internal_error)
+├── BadRequest 400 ── MalformedJSON, SchemaViolation
+├── Unauthorized 401 ── InvalidToken ── ExpiredToken, RevokedToken
+├── Forbidden 403 ── PolicyDenied, DelegationTooDeep, NotTaskOwner
+├── NotFound 404 ── UnknownAgent, UnknownCapability, UnknownTask, UnknownDecision,
+│                   UnknownTopic, UnknownMessageKind
+├── MethodNotAllowed 405
+├── Conflict 409 ── IdempotencyConflict, InvalidState, AgentNotRunning
+├── PayloadTooLarge 413, UnsupportedMediaType 415, InvalidConfig 422, TooManyRequests 429
+├── AgentUnavailable 502 ── AgentError
+├── StoreUnavailable 503, Degraded 503
+└── AgentTimeout 504
+ConfigError (a file a user edits is invalid) ── PolicyTestsFailed
+GuardrailViolation (a sandbox that cannot be enforced)
+```
+
 Every failure a caller can see is one of these classes. Each carries a stable ``code``
 and the HTTP status it maps to; the HTTP layer turns them into
 ``{"error": {"code", "message", "details"?, "decision_id"?}}`` in one place
@@ -215,42 +232,16 @@ class GuardrailViolation(Exception):
     """A sandbox the decision did not grant, or one the guardrails cannot enforce."""
 
 
-ERROR_CODES: dict[str, int] = {
-    cls.code: cls.status
-    for cls in (
-        GatewayError,
-        BadRequest,
-        MalformedJSON,
-        SchemaViolation,
-        Unauthorized,
-        InvalidToken,
-        ExpiredToken,
-        RevokedToken,
-        Forbidden,
-        PolicyDenied,
-        DelegationTooDeep,
-        NotTaskOwner,
-        NotFound,
-        UnknownAgent,
-        UnknownCapability,
-        UnknownTask,
-        UnknownDecision,
-        UnknownTopic,
-        UnknownMessageKind,
-        MethodNotAllowed,
-        Conflict,
-        IdempotencyConflict,
-        InvalidState,
-        AgentNotRunning,
-        PayloadTooLarge,
-        UnsupportedMediaType,
-        TooManyRequests,
-        AgentUnavailable,
-        AgentError,
-        InvalidConfig,
-        StoreUnavailable,
-        Degraded,
-        AgentTimeout,
-    )
-}
-"""Every error code the API can return, with its HTTP status (documented in the README)."""
+def _error_classes(root: type[GatewayError]) -> list[type[GatewayError]]:
+    """``root`` and every subclass of it, depth first."""
+    found = [root]
+    for sub in root.__subclasses__():
+        found.extend(_error_classes(sub))
+    return found
+
+
+ERROR_CODES: dict[str, int] = {cls.code: cls.status for cls in _error_classes(GatewayError)}
+"""Every error code the API can return, with its HTTP status (documented in the README).
+
+Derived from the classes, so a new error class is a new code without a second list to keep.
+"""

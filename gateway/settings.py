@@ -1,4 +1,9 @@
-"""Settings, read once at start-up and validated; a bad value fails fast with its name."""
+"""Settings, read once at start-up and validated; a bad value fails fast with its name.
+
+``Settings`` is flat (the CLI and the tests set any field by keyword); each component is
+handed its own section whole (``settings.monitor``, ``settings.containers``...), the way
+httpx passes a ``Timeout`` or ``Limits``, so the hub never copies fields one by one.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,77 @@ DEFAULT_BASE_IMAGE = "agent-gateway/python-base:bookworm"
 
 class SettingsError(ValueError):
     """A setting has an invalid value; the message names it."""
+
+
+# --- sections: what each component is handed ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class BundleSettings:
+    """The files a user edits, and how often (s) the reloader looks at them (0: never)."""
+
+    agents_file: Path
+    schemas_dir: Path
+    policies_dir: Path
+    reload_poll_s: float
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    """The monitor's round interval (0: no background rounds), the throughput watchdog's
+    window, and the orphan scan's interval and grace for containers of tasks just ended."""
+
+    probe_interval_s: float
+    watchdog_window_s: float
+    orphan_scan_interval_s: float
+    orphan_grace_s: float
+
+
+@dataclass(frozen=True)
+class RecoverySettings:
+    """Restart recovery: how many attempts a task gets before it fails."""
+
+    max_attempts: int
+
+
+@dataclass(frozen=True)
+class IdentitySettings:
+    """Agent identities (JWT-SVIDs): trust domain, audience, lifetime, extra trusted bundles."""
+
+    trust_domain: str
+    audience: str
+    ttl_s: int
+    bundles: tuple[tuple[str, Path], ...]
+
+
+@dataclass(frozen=True)
+class MessageSettings:
+    """Agent-to-agent messages: default and maximum wait for a reply, how deep delegated
+    tasks may nest, and how long one hand-off to an agent may take."""
+
+    timeout_s: float
+    max_timeout_s: float
+    max_delegation_depth: int
+    delivery_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class ContainerSettings:
+    """The container backend and the limits the task router applies to containers."""
+
+    internal_network: str
+    egress_network: str
+    docker_workers: int
+    ttl_grace_s: int
+    max_running: int
+
+    @property
+    def networks(self) -> dict[str, str]:
+        """The networks a sandbox names (``internal``, ``egress``) and their engine names."""
+        return {"internal": self.internal_network, "egress": self.egress_network}
+
+
+# --- settings ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -69,6 +145,9 @@ class Settings:
     # "erase:/json/pointer" (field removed); "*" matches any key or index. Applied to a copy
     # of every policy input before it is logged, with the paths recorded in masked/erased.
     mask: tuple[str, ...] = ()
+    # API authorization (policies/api.rego): denials and state-changing calls are always
+    # logged; allowed reads by an authenticated caller too, unless this is off.
+    log_api_reads: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -115,6 +194,63 @@ class Settings:
     def effective_keys_file(self) -> Path:
         """The API keys file: ``--keys`` or ``<state-dir>/keys.json``."""
         return Path(self.keys_file) if self.keys_file else Path(self.state_dir) / "keys.json"
+
+    # -- sections
+
+    @property
+    def bundle(self) -> BundleSettings:
+        """The files and the reload poll (the reloader's section)."""
+        return BundleSettings(
+            agents_file=Path(self.agents_file),
+            schemas_dir=Path(self.schemas_dir),
+            policies_dir=Path(self.policies_dir),
+            reload_poll_s=self.reload_poll_s,
+        )
+
+    @property
+    def monitor(self) -> MonitorSettings:
+        """The monitor's intervals and the watchdog's window."""
+        return MonitorSettings(
+            probe_interval_s=self.probe_interval_s,
+            watchdog_window_s=self.watchdog_window_s,
+            orphan_scan_interval_s=self.orphan_scan_interval_s,
+            orphan_grace_s=self.orphan_grace_s,
+        )
+
+    @property
+    def recovery(self) -> RecoverySettings:
+        """Restart recovery's retry budget."""
+        return RecoverySettings(max_attempts=self.max_attempts)
+
+    @property
+    def identity(self) -> IdentitySettings:
+        """What agent identities (JWT-SVIDs) are minted and trusted with."""
+        return IdentitySettings(
+            trust_domain=self.trust_domain,
+            audience=self.svid_audience,
+            ttl_s=self.svid_ttl_s,
+            bundles=self.trust_bundles,
+        )
+
+    @property
+    def messages(self) -> MessageSettings:
+        """The message router's timeouts and delegation depth limit."""
+        return MessageSettings(
+            timeout_s=self.message_timeout_s,
+            max_timeout_s=self.max_message_timeout_s,
+            max_delegation_depth=self.max_delegation_depth,
+        )
+
+    @property
+    def containers(self) -> ContainerSettings:
+        """The container backend's networks and workers, and the router's container limits."""
+        return ContainerSettings(
+            internal_network=self.network,
+            egress_network=self.egress_network,
+            docker_workers=self.docker_workers,
+            ttl_grace_s=self.container_ttl_grace_s,
+            max_running=self.max_running_containers,
+        )
 
 
 def env_int(name: str, default: int) -> int:

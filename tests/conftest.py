@@ -124,6 +124,20 @@ class FakeBackend:
             await self.remove(cid)
 
 
+async def submit_through_router(hub: Any, key: str, body: dict[str, Any]) -> tuple[str, Any]:
+    """Submit ``body`` as the owner of ``key`` past the HTTP door (no API decision is
+    logged), wait for the task; (its dispatch decision id, the finished task or None)."""
+    from gateway.errors import PolicyDenied
+
+    request = {"method": "POST", "path": "/v1/tasks", "remote_addr": "127.0.0.1", "time": "t"}
+    try:
+        task, _ = await hub.router.submit(hub.keys.authenticate(key), body, request=request)
+    except PolicyDenied as e:
+        return str(e.decision_id), None
+    done = await hub.router.wait_for(task.id, 10)
+    return str(done.decision_id), done
+
+
 def git(repo: Path, *args: str) -> str:
     """Run git in ``repo`` with a fixed author and no user or system config; its stdout."""
     env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}

@@ -12,7 +12,7 @@ from pathlib import Path
 from gateway.bundle.registry import Registry, load_registry
 from gateway.bundle.revision import combined_revision, revision_of
 from gateway.bundle.schemas import SchemaSet
-from gateway.policy.engine import DISPATCH_QUERY, MESSAGES_QUERY, RegorusPolicy
+from gateway.policy.engine import API_QUERY, DISPATCH_QUERY, MESSAGES_QUERY, RegorusPolicy
 
 TASK_SCHEMA = "task.schema.json"
 MESSAGE_SCHEMA = "messages/envelope.schema.json"
@@ -86,7 +86,7 @@ def load_config(
         data={"agents": registry.to_json()},
         revision=revisions.policies,
         budget_ms=policy_budget_ms,
-        required=(DISPATCH_QUERY, MESSAGES_QUERY),
+        required=(DISPATCH_QUERY, MESSAGES_QUERY, API_QUERY),
     )
     return Config(
         registry=registry,

@@ -26,19 +26,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from gateway.bundle.config import Config, file_revisions, load_config
 from gateway.bundle.revision import content_hash
 from gateway.clock import utcnow
 from gateway.errors import ConfigError, GatewayError, PolicyTestsFailed
 from gateway.logs import get_logger
-from gateway.policy.engine import DISPATCH_QUERY, MESSAGES_QUERY, parse_engine_error
+from gateway.policy.engine import API_QUERY, DISPATCH_QUERY, MESSAGES_QUERY, parse_engine_error
 from gateway.policy.testing import TestReport, run_tests
-
-if TYPE_CHECKING:
-    from gateway.hub import Hub
+from gateway.settings import BundleSettings
 
 log = get_logger("reload")
 
@@ -47,6 +46,32 @@ RECENT_INPUTS = 100
 # A change is acted on once two reads this far apart agree: an editor or a checkout may be
 # half-way through writing several files.
 SETTLE_S = 0.2
+
+
+class AlertSink(Protocol):
+    """Where a refused reload is reported (``gateway.health.alerts.Alerts``)."""
+
+    def raise_alert(self, name: str, message: str, **details: Any) -> object:
+        """Raise (or update) the alert ``name``."""
+        ...
+
+    def resolve(self, name: str) -> None:
+        """Mark ``name`` resolved."""
+        ...
+
+
+# The query each kind of logged decision was made with.
+QUERY_OF_KIND = {"dispatch": DISPATCH_QUERY, "message": MESSAGES_QUERY, "api": API_QUERY}
+
+
+def config_revisions(config: Config) -> dict[str, str]:
+    """The revisions of ``config``'s parts and their combination, as /v1/status shows them."""
+    return {
+        "policies": config.policy_revision,
+        "schemas": config.schemas_revision,
+        "registry": config.registry_revision,
+        "combined": config.revision,
+    }
 
 
 def check_tests(report: TestReport) -> None:
@@ -84,7 +109,7 @@ def check_recent_inputs(config: Config, records: list[dict[str, Any]]) -> int:
     engine = config.policy.engine
     checked = 0
     for record in records:
-        query = DISPATCH_QUERY if record.get("kind") == "dispatch" else MESSAGES_QUERY
+        query = QUERY_OF_KIND.get(str(record.get("kind")), MESSAGES_QUERY)
         policy_input = record.get("input")
         if not isinstance(policy_input, dict):
             continue
@@ -131,9 +156,26 @@ def _run_tests_here(policies_dir: Path) -> TestReport:
 class Reloader:
     """Reloads the hub's files on demand (``reload``) and, when polling, on every change."""
 
-    def __init__(self, hub: Hub, *, poll_s: float | None = None, settle_s: float = SETTLE_S):
-        self.hub = hub
-        self.poll_s = hub.settings.reload_poll_s if poll_s is None else poll_s
+    def __init__(
+        self,
+        *,
+        files: BundleSettings,
+        current: Callable[[], Config | None],
+        install: Callable[[Config], Awaitable[None]],
+        recent_inputs: Callable[[str, int], Awaitable[list[dict[str, Any]]]],
+        alerts: AlertSink,
+        poll_s: float | None = None,
+        settle_s: float = SETTLE_S,
+    ) -> None:
+        # ``current``: the config in force (None before one ever loaded); ``install`` puts a
+        # proven one in force; ``recent_inputs(kind, n)``: the latest n logged decisions of
+        # a kind, whose inputs a new policy is tried on.
+        self.files = files
+        self._current = current
+        self._install = install
+        self._recent_inputs = recent_inputs
+        self.alerts = alerts
+        self.poll_s = files.reload_poll_s if poll_s is None else poll_s
         self.settle_s = settle_s
         self._seen: str | None = None  # fingerprint of the files last tried
         self._lock = asyncio.Lock()
@@ -141,18 +183,21 @@ class Reloader:
         self.last_reload: dict[str, Any] | None = None
         self.reloads = 0
         self.refusals = 0
+        # The last refusal (file:line, failing tests, kept revisions); None once one passes.
+        self.last_error: dict[str, Any] | None = None
 
     @property
     def paths(self) -> list[Path]:
-        s = self.hub.settings
-        return [Path(s.policies_dir), Path(s.schemas_dir), Path(s.agents_file)]
+        """The watched files: policies, schemas, the registry."""
+        f = self.files
+        return [f.policies_dir, f.schemas_dir, f.agents_file]
 
     def _baseline(self) -> tuple[str, bool]:
         """(fingerprint, whether each part's content hash is the one in force)."""
         fingerprint = self.fingerprint()
-        if not self.hub.has_config:
-            return fingerprint, True  # nothing loaded: probe_policy keeps trying
-        c = self.hub.config
+        c = self._current()
+        if c is None:
+            return fingerprint, True  # nothing loaded: the policy probe keeps trying
         pairs = [
             (self.paths[0], c.policy_revision),
             (self.paths[1], c.schemas_revision),
@@ -228,13 +273,15 @@ class Reloader:
                 # Raised outside the except blocks, so no context keeps their frames.
                 self._refuse(failure, trigger)
                 raise failure
-            await self.hub.install_config(config)
+            await self._install(config)
+            self.last_error = None
+            self.alerts.resolve("reload_failed")
             self.reloads += 1
             ms = round((time.perf_counter() - started) * 1000, 1)
             self.last_reload = {
                 "at": utcnow(),
                 "trigger": trigger,
-                "revisions": self.hub.revisions(),
+                "revisions": config_revisions(config),
                 "ms": ms,
                 "policy_tests_passed": tests.count("pass"),
                 "recent_inputs_checked": checked,
@@ -243,10 +290,10 @@ class Reloader:
                 "config reloaded",
                 extra={"trigger": trigger, "ms": ms, "revision": config.revision},
             )
-            return self.hub.revisions()
+            return config_revisions(config)
 
     async def _prepare(self) -> tuple[Config, TestReport, int]:
-        s = self.hub.settings
+        s = self.files
         revisions = await asyncio.to_thread(
             file_revisions,
             agents_file=s.agents_file,
@@ -263,7 +310,7 @@ class Reloader:
         recent: list[dict[str, Any]] = []
         for kind in ("dispatch", "message"):
             try:
-                page, _ = await self.hub.decisions.list(kind=kind, limit=RECENT_INPUTS)
+                page = await self._recent_inputs(kind, RECENT_INPUTS)
             except GatewayError as e:
                 # Best effort: an unreadable log must not block a fix from going in.
                 log.warning("recent inputs unavailable", extra={"error": e.message})
@@ -276,7 +323,8 @@ class Reloader:
 
     def _refuse(self, e: ConfigError, trigger: str) -> None:
         self.refusals += 1
-        kept = self.hub.revisions() if self.hub.has_config else None
+        in_force = self._current()
+        kept = config_revisions(in_force) if in_force is not None else None
         error: dict[str, Any] = {
             "message": e.message,
             "location": e.location,
@@ -286,10 +334,8 @@ class Reloader:
         }
         if isinstance(e, PolicyTestsFailed):
             error["failures"] = e.failures
-        self.hub.last_reload_error = error
-        self.hub.alerts.raise_alert(
-            "reload_failed", f"reload refused: {e}", location=e.location or ""
-        )
+        self.last_error = error
+        self.alerts.raise_alert("reload_failed", f"reload refused: {e}", location=e.location or "")
         log.warning(
             "reload refused", extra={"trigger": trigger, "error": e.message, "at": e.location}
         )

@@ -5,6 +5,9 @@ Parts:
 - ``backend``: the interface (``ContainerBackend``), ``ContainerSpec``, ``ContainerHandle``
   and the labels every managed container carries;
 - ``docker``: ``DockerBackend``, the local Docker engine through docker-py in a thread pool;
+  it refuses networks with the wrong flags and never runs a container as root;
+- ``firewall``: the host's iptables rules that let agent networks reach the hub's agent
+  port and no other service of the host;
 - ``guardrails``: a policy decision's sandbox turned into a container spec, refusing what it
   cannot enforce (``build_spec``);
 - ``images``: building the example agents' images.

@@ -15,6 +15,7 @@ LABEL_TASK = LABEL_PREFIX + "task"
 LABEL_AGENT = LABEL_PREFIX + "agent"
 LABEL_EXPIRES = LABEL_PREFIX + "expires"
 LABEL_MANAGED = LABEL_PREFIX + "managed"
+NONROOT_USER = "65534:65534"
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,11 @@ class ContainerSpec:
     pids_limit: int
     ttl_s: int
     read_only: bool = True
-    user: str | None = None
-    tmpfs: dict[str, str] = field(default_factory=lambda: {"/tmp": "rw,nosuid,nodev,size=64m"})
+    # Numeric, so the image's /etc/passwd cannot map it to root; never the image's USER.
+    user: str = NONROOT_USER
+    tmpfs: dict[str, str] = field(
+        default_factory=lambda: {"/tmp": "rw,noexec,nosuid,nodev,size=64m"}
+    )
     cap_drop: tuple[str, ...] = ("ALL",)
     security_opt: tuple[str, ...] = ("no-new-privileges:true",)
 

@@ -19,6 +19,7 @@ import docker
 import docker.errors
 import requests
 
+from gateway.containers import firewall
 from gateway.containers.backend import (
     LABEL_HUB,
     LABEL_MANAGED,
@@ -30,15 +31,46 @@ from gateway.logs import get_logger
 
 T = TypeVar("T")
 log = get_logger("containers.docker")
-NONROOT_USER = "65534:65534"
 IMAGE_CACHE_S = 30.0
+ICC = "com.docker.network.bridge.enable_icc"
 
 
-def _is_root(user: str | None) -> bool:
-    if not user:
-        return True
-    name = user.split(":", 1)[0]
-    return name in ("0", "root")
+def check_user(user: str) -> str:
+    """``user`` if it is a numeric ``uid:gid`` with neither 0; AgentUnavailable otherwise.
+
+    A name would be resolved inside the image (whose /etc/passwd may map it to 0), so only
+    numbers are trusted.
+    """
+    uid, sep, gid = user.partition(":")
+    if not (sep and uid.isdigit() and gid.isdigit() and int(uid) and int(gid)):
+        raise AgentUnavailable(f"refusing to run a container as {user!r}: not a non-zero uid:gid")
+    return user
+
+
+def check_network(info: dict[str, Any], *, internal: bool) -> None:
+    """Refuse a network whose flags would let containers reach more than the hub."""
+    name = info.get("Name")
+    fix = f"remove it (docker network rm {name}) so the hub creates it, or configure another"
+    if info.get("Driver") != "bridge":
+        raise AgentUnavailable(
+            f"network {name!r} has driver {info.get('Driver')!r}, not 'bridge'; {fix}"
+        )
+    if internal and info.get("Internal") is not True:
+        raise AgentUnavailable(
+            f"network {name!r} is not internal (Internal=false): its containers could reach "
+            f"any address; {fix}"
+        )
+    icc = (info.get("Options") or {}).get(ICC)
+    if icc != "false":
+        raise AgentUnavailable(
+            f"network {name!r} allows inter-container traffic ({ICC}="
+            f"{icc if icc is not None else 'unset, i.e. true'}); {fix}"
+        )
+    if info.get("EnableIPv6"):
+        raise AgentUnavailable(
+            f"network {name!r} has IPv6 enabled (EnableIPv6=true), which the hub's host "
+            f"firewall rules (IPv4) do not cover; {fix}"
+        )
 
 
 class DockerBackend:
@@ -49,11 +81,19 @@ class DockerBackend:
         *,
         internal_network: str = "agent-gateway-internal",
         egress_network: str = "agent-gateway-egress",
+        agent_port: int,
+        agent_address: str | None = None,
         workers: int = 4,
         api_timeout_s: int = 60,
+        iptables: str = "iptables",
     ) -> None:
         self.internal_network = internal_network
         self.egress_network = egress_network
+        # Where containers reach the hub (address defaults to the internal network's
+        # gateway): the only host port the firewall lets them connect to.
+        self.agent_port = agent_port
+        self.agent_address = agent_address
+        self._iptables = firewall.Iptables(iptables)
         self._api_timeout_s = api_timeout_s
         self._local = threading.local()
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="docker")
@@ -94,10 +134,16 @@ class DockerBackend:
         await self._call("ping", lambda c: c.ping())
 
     async def prepare(self) -> dict[str, str]:
-        """Create the internal (hub-only) and egress networks; return the hub's address."""
+        """Create (or check) the internal and egress networks, fence the host off from them
+        with firewall rules, and return the hub's addresses on them.
+
+        A network of the configured name with the wrong flags, or a firewall that cannot be
+        set up, is an AgentUnavailable (the hub starts degraded with it as the reason).
+        """
 
         def ensure(c: docker.APIClient) -> dict[str, str]:
             facts: dict[str, str] = {}
+            bridges: list[str] = []
             for name, internal in ((self.internal_network, True), (self.egress_network, False)):
                 found = [n for n in c.networks(names=[name]) if n["Name"] == name]
                 if not found:
@@ -108,7 +154,7 @@ class DockerBackend:
                             internal=internal,
                             check_duplicate=True,
                             # Containers reach each other only through the hub.
-                            options={"com.docker.network.bridge.enable_icc": "false"},
+                            options={ICC: "false"},
                             labels={LABEL_MANAGED: "true"},
                         )
                     except docker.errors.APIError as e:
@@ -116,10 +162,23 @@ class DockerBackend:
                         if e.status_code != 409:
                             raise
                 info = c.inspect_network(name)
+                check_network(info, internal=internal)
+                bridge = firewall.bridge_interface(info)
+                if not firewall.interface_exists(bridge):
+                    raise AgentUnavailable(
+                        f"network {name!r}: its bridge {bridge} is not an interface of this "
+                        "host, so the hub cannot fence it off (is the engine remote?)"
+                    )
+                bridges.append(bridge)
                 configs = (info.get("IPAM") or {}).get("Config") or [{}]
                 facts[f"{'internal' if internal else 'egress'}_gateway"] = configs[0].get(
                     "Gateway", ""
                 )
+            address = self.agent_address or facts["internal_gateway"]
+            if not address:
+                raise AgentUnavailable(f"network {self.internal_network!r} has no gateway address")
+            firewall.install(bridges, address, self.agent_port, ipt=self._iptables)
+            facts["bridges"] = ",".join(bridges)
             return facts
 
         return await self._call("prepare networks", ensure)
@@ -143,8 +202,8 @@ class DockerBackend:
             original = list(config.get("Entrypoint") or []) + list(config.get("Cmd") or [])
             if not original:
                 raise AgentUnavailable(f"image {spec.image} has no entrypoint or command")
-            image_user = config.get("User") or None
-            user = spec.user or (image_user if not _is_root(image_user) else NONROOT_USER)
+            # Never the image's USER: a root image runs as the spec's numeric user too.
+            user = check_user(spec.user)
             host_config = c.create_host_config(
                 cap_drop=list(spec.cap_drop),
                 security_opt=list(spec.security_opt),

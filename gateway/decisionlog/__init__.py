@@ -2,15 +2,20 @@
 
 Parts:
 
-- ``records``: the record type, its canonical bytes and the chain hash (pure);
+- ``records``: the record type, its canonical bytes, the chain hash, ``seal_record`` (the
+  one function that extends a chain) and the stored form of a record (pure);
 - ``masking``: erase or redact input fields by JSON pointer before logging (pure);
 - ``verify``: recompute the chain and name each edited, deleted, inserted or reordered
   record (pure);
-- ``log``: ``DecisionLog``, which masks, chains and appends through the store;
+- ``log``: ``DecisionLog``, which masks, seals and appends through the store
+  (``gateway.store`` holds the SQL);
 - ``replay``: re-evaluate logged inputs under another policy revision.
+
+The ``agent-gateway decisions`` command (arguments, printing, exit status) is in
+``gateway.cli``.
 """
 
-from gateway.decisionlog.log import DecisionLog, row_to_json
+from gateway.decisionlog.log import DecisionLog
 from gateway.decisionlog.masking import REDACTED, Masker, parse_mask_rule, pointers_marked_secret
 from gateway.decisionlog.records import (
     GENESIS_HASH,
@@ -21,6 +26,9 @@ from gateway.decisionlog.records import (
     now_rfc3339,
     record_from_row,
     record_to_json,
+    record_to_row,
+    row_to_json,
+    seal_record,
 )
 from gateway.decisionlog.verify import VerifyReport, verify_chain
 
@@ -39,6 +47,8 @@ __all__ = [
     "pointers_marked_secret",
     "record_from_row",
     "record_to_json",
+    "record_to_row",
     "row_to_json",
+    "seal_record",
     "verify_chain",
 ]

@@ -8,7 +8,7 @@ never changed. Pure: no I/O.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 from gateway.errors import ConfigError
@@ -128,6 +128,34 @@ class Masker:
         return doc, sorted(erased), sorted(masked)
 
 
+def _resolve_ref(schema: Mapping[str, Any], ref: str) -> Any:
+    """The node a local reference (``#`` or ``#/a/b``) names in ``schema``, or None."""
+    node: Any = schema
+    for token in ref[2:].split("/") if ref != "#" else []:
+        token = token.replace("~1", "/").replace("~0", "~")
+        if not isinstance(node, Mapping) or token not in node:
+            return None
+        node = node[token]
+    return node
+
+
+def _subschemas(node: Mapping[str, Any], at: str) -> Iterator[tuple[Any, str]]:
+    """(sub-schema, the pointer its values are at) for every branch a walk follows."""
+    for name, sub in (node.get("properties") or {}).items():
+        yield sub, f"{at}/{_escape(name)}"
+    for sub in (node.get("patternProperties") or {}).values():
+        yield sub, f"{at}/*"
+    yield node.get("additionalProperties"), f"{at}/*"
+    for i, sub in enumerate(node.get("prefixItems") or []):
+        yield sub, f"{at}/{i}"
+    yield node.get("items"), f"{at}/*"
+    for key in ("allOf", "anyOf", "oneOf"):
+        for sub in node.get(key) or []:
+            yield sub, at
+    for key in ("then", "else"):
+        yield node.get(key), at
+
+
 def pointers_marked_secret(schema: Mapping[str, Any], prefix: str = "") -> list[str]:
     """Pointers (under ``prefix``) of the properties a JSON Schema marks ``"x-secret": true``.
 
@@ -136,15 +164,6 @@ def pointers_marked_secret(schema: Mapping[str, Any], prefix: str = "") -> list[
     """
     found: list[str] = []
     seen_refs: set[str] = set()
-
-    def resolve(ref: str) -> Any:
-        node: Any = schema
-        for token in ref[2:].split("/") if ref != "#" else []:
-            token = token.replace("~1", "/").replace("~0", "~")
-            if not isinstance(node, Mapping) or token not in node:
-                return None
-            node = node[token]
-        return node
 
     def walk(node: Any, at: str) -> None:
         if not isinstance(node, Mapping):
@@ -156,21 +175,10 @@ def pointers_marked_secret(schema: Mapping[str, Any], prefix: str = "") -> list[
         ref = node.get("$ref")
         if isinstance(ref, str) and ref.startswith("#") and ref not in seen_refs:
             seen_refs.add(ref)  # a recursive schema would otherwise loop forever
-            walk(resolve(ref), at)
+            walk(_resolve_ref(schema, ref), at)
             seen_refs.discard(ref)
-        for name, sub in (node.get("properties") or {}).items():
-            walk(sub, f"{at}/{_escape(name)}")
-        for sub in (node.get("patternProperties") or {}).values():
-            walk(sub, f"{at}/*")
-        walk(node.get("additionalProperties"), f"{at}/*")
-        for i, sub in enumerate(node.get("prefixItems") or []):
-            walk(sub, f"{at}/{i}")
-        walk(node.get("items"), f"{at}/*")
-        for key in ("allOf", "anyOf", "oneOf"):
-            for sub in node.get(key) or []:
-                walk(sub, at)
-        for key in ("then", "else"):
-            walk(node.get(key), at)
+        for sub, sub_at in _subschemas(node, at):
+            walk(sub, sub_at)
 
     walk(schema, prefix.rstrip("/"))
     return found

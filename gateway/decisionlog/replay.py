@@ -17,19 +17,16 @@ What it can and cannot see:
 - A logged deny that came from the guardrails (not the policy) is replayed through the
   policy alone; such changes are marked.
 
-Exit status: 0 when no decision would change, 1 when some would, 2 on an error (no
-database, an unknown revision, policies that do not compile).
+The command itself (arguments, the text report, exit status) is in ``gateway.cli``; this
+module is the replay: ``replay_log`` and its parts.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
-import sqlite3
 import subprocess
-import sys
 import tarfile
 import tempfile
 from collections import Counter
@@ -39,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway.bundle.revision import revision_of, split_revision
-from gateway.decisionlog.log import row_to_json
-from gateway.errors import ConfigError
+from gateway.decisionlog.records import row_to_json
 from gateway.policy.engine import Decision, RegorusPolicy
+from gateway.store.sqlite import read_decisions_file
 
 GIT_TIMEOUT_S = 30.0
 CHANGE_KINDS = ("allow→deny", "deny→allow", "reasons", "sandbox")
@@ -215,112 +212,82 @@ def replay(records: list[dict[str, Any]], policies: _Policies, report: ReplayRep
 # --- reading the log ----------------------------------------------------------------------
 
 
-def read_log(db_path: Path, args: argparse.Namespace) -> tuple[list[dict[str, Any]], Any]:
-    """(decisions oldest first, filtered, {registry revision: agents}) from the database."""
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
-    try:
-        where, params = [], []
-        allow = None if args.decision is None else int(args.decision == "allow")
-        for sql, value in (
-            ("allow = ?", allow),
-            ("agent = ?", args.agent),
-            ("subject = ?", args.subject),
-            ("kind = ?", args.kind),
-            ("timestamp >= ?", args.since),
-            ("timestamp <= ?", args.until),
-        ):
-            if value is not None:
-                where.append(sql)
-                params.append(value)
-        sql = "SELECT * FROM decisions"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY seq DESC"
-        if args.limit is not None:
-            sql += " LIMIT ?"
-            params.append(args.limit)
-        rows = conn.execute(sql, params).fetchall()
-        registries: dict[str, Any] = {}
-        latest: Any = None
-        for row in conn.execute(
-            "SELECT revision, agents FROM registry_revisions ORDER BY loaded_at"
-        ):
-            with contextlib.suppress(ValueError, TypeError):
-                registries[row["revision"]] = latest = json.loads(row["agents"])
-    finally:
-        conn.close()
-    return [row_to_json(r) for r in reversed(rows)], (registries, latest)
+def read_log(
+    db_path: Path,
+    *,
+    allow: bool | None = None,
+    agent: str | None = None,
+    subject: str | None = None,
+    kind: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    limit: int | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any], Any]:
+    """(the newest ``limit`` matching decisions, oldest first; {registry revision: agents};
+    the latest stored registry) from the database file, opened read-only."""
+    rows, revisions = read_decisions_file(
+        db_path,
+        allow=allow,
+        agent=agent,
+        subject=subject,
+        kind=kind,
+        since=since,
+        until=until,
+        limit=limit,
+    )
+    registries: dict[str, Any] = {}
+    latest: Any = None
+    for revision, agents in revisions:
+        with contextlib.suppress(ValueError, TypeError):
+            registries[revision] = latest = json.loads(agents)
+    return [row_to_json(r) for r in rows], registries, latest
 
 
-def _fallback_registry(args: argparse.Namespace, latest: Any) -> dict[str, Any]:
-    if args.agents is not None:
+def fallback_registry(agents_file: Path | None, latest: Any) -> dict[str, Any]:
+    """``data.agents`` for decisions whose registry revision is not stored: ``agents_file``
+    when given, else the latest stored registry."""
+    if agents_file is not None:
         from gateway.bundle.registry import load_registry
         from gateway.bundle.schemas import SchemaSet
 
-        schemas = SchemaSet.load(Path(args.agents).parent / "schemas")
-        return load_registry(Path(args.agents), schemas).to_json()
+        schemas = SchemaSet.load(Path(agents_file).parent / "schemas")
+        return load_registry(Path(agents_file), schemas).to_json()
     return latest if isinstance(latest, dict) else {}
 
 
-# --- output -------------------------------------------------------------------------------
+def replay_log(
+    db_path: Path,
+    spec: str,
+    *,
+    repo: Path,
+    policies_path: str = "policies",
+    agents_file: Path | None = None,
+    allow: bool | None = None,
+    agent: str | None = None,
+    subject: str | None = None,
+    kind: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    limit: int | None = None,
+) -> ReplayReport:
+    """Replay the logged decisions the filters select (as ``read_log``) under the policies
+    ``spec`` names (as ``resolve_policies``).
 
-
-def _verdict(result: dict[str, Any]) -> str:
-    allowed = "allow" if result.get("allow") is True else "deny"
-    reasons = "; ".join(str(r) for r in result.get("reasons") or [])
-    sandbox = result.get("sandbox")
-    extra = f" sandbox={json.dumps(sandbox, sort_keys=True)}" if sandbox else ""
-    return f"{allowed} ({reasons}){extra}"
-
-
-def format_report(report: ReplayReport) -> str:
-    """The report as text: one block per change, then the summary."""
-    lines = [f"replayed the decision log under {report.policies} at {report.revision}"]
-    lines.append(
-        "note: inputs are replayed as logged, after masking: masked fields read "
-        '"**REDACTED**" and erased ones are absent'
-        + (f" ({report.masked_inputs} of these inputs have some)" if report.masked_inputs else "")
+    Raises ReplayError, StoreUnavailable (an unreadable log) or ConfigError (policies that
+    do not load).
+    """
+    records, registries, latest = read_log(
+        db_path,
+        allow=allow,
+        agent=agent,
+        subject=subject,
+        kind=kind,
+        since=since,
+        until=until,
+        limit=limit,
     )
-    for c in report.changes:
-        lines.append("")
-        lines.append(
-            f"{c.change.upper():11} {c.timestamp}  {c.kind:8} {c.subject or '-'}  "
-            f"{c.agent or '-'}  {c.decision_id}"
-        )
-        lines.append(f"    logged:   {_verdict(c.before)}")
-        lines.append(f"    replayed: {_verdict(c.after)}")
-        if c.note:
-            lines.append(f"    note: {c.note}")
-    counts = ", ".join(f"{k} {v}" for k, v in report.counts().items())
-    lines.append("")
-    lines.append(
-        f"{report.replayed} replayed, {report.unchanged} unchanged, "
-        f"{len(report.changes)} would change ({counts})"
-        + (f", {len(report.skipped)} malformed rows skipped" if report.skipped else "")
-    )
-    return "\n".join(lines) + "\n"
-
-
-def run_replay(args: argparse.Namespace, db_path: Path) -> int:
-    """``agent-gateway decisions replay``: 0 nothing changes, 1 something would, 2 error."""
-    try:
-        records, (registries, latest) = read_log(db_path, args)
-        fallback = _fallback_registry(args, latest)
-        with resolve_policies(args.policies, repo=args.repo, policies_path=args.policies_path) as (
-            folder,
-            revision,
-        ):
-            report = ReplayReport(policies=args.policies, revision=revision)
-            replay(records, _Policies(folder, registries, fallback), report)
-    except (ReplayError, sqlite3.Error) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ConfigError as e:
-        print(f"error: the replayed policies do not load: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
-    else:
-        sys.stdout.write(format_report(report))
-    return 1 if report.changes else 0
+    fallback = fallback_registry(agents_file, latest)
+    with resolve_policies(spec, repo=repo, policies_path=policies_path) as (folder, revision):
+        report = ReplayReport(policies=spec, revision=revision)
+        replay(records, _Policies(folder, registries, fallback), report)
+    return report

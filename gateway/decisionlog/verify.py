@@ -126,6 +126,314 @@ def _recover_seqs(
     return renumbered
 
 
+def _stub(raw: Mapping[str, Any]) -> DecisionRecord:
+    """A placeholder for a malformed row, so positions stay right; it can match no hash."""
+    seq = raw.get("seq")
+    return DecisionRecord(
+        seq=seq if isinstance(seq, int) else 0,
+        decision_id=str(raw.get("decision_id")),
+        timestamp="",
+        path="",
+        input={},
+        result={},
+        revision="",
+        labels={},
+        metrics={},
+        erased=[],
+        masked=[],
+        kind="",
+        allow=False,
+        subject=None,
+        agent=None,
+        task_id=None,
+        prev_hash=str(raw.get("prev_hash") or ""),
+        hash=str(raw.get("hash") or ""),
+    )
+
+
+class _Check:
+    """One verification: the records in log order and what each phase found about them.
+
+    The phases run in order (``verify_chain``), each reading what the earlier ones found;
+    problems are kept with the position they concern so the report is in log order.
+    """
+
+    def __init__(self, genesis: str, start_seq: int) -> None:
+        self.genesis = genesis
+        self.start_seq = start_seq
+        self.recs: list[DecisionRecord] = []
+        self.problems: list[tuple[int, dict[str, Any]]] = []
+        self.malformed: set[int] = set()
+        self.edited: set[int] = set()
+        self.renumbered: dict[int, int] = {}  # position -> the seq it was stored under
+        self.inserted: set[int] = set()
+        self.genuine: list[int] = []  # positions of the records not inserted
+        self.seq_to_pos: dict[int, int] = {}
+        self.in_order: set[int] = set()
+
+    def report(self, pos: int, r: DecisionRecord | None, kind: ProblemKind, message: str) -> None:
+        self.problems.append(
+            (
+                pos,
+                {
+                    "seq": r.seq if r else None,
+                    "decision_id": r.decision_id if r else None,
+                    "kind": kind,
+                    "message": message,
+                },
+            )
+        )
+
+    # -- 0. parse
+
+    def parse(self, records: Iterable[DecisionRecord | Mapping[str, Any]]) -> None:
+        """Records as given; a row that is not a record is reported and kept as a stub."""
+        for pos, raw in enumerate(records):
+            if isinstance(raw, DecisionRecord):
+                self.recs.append(raw)
+                continue
+            try:
+                self.recs.append(_check_types(record_from_row(raw)))
+            except (ValueError, TypeError, json.JSONDecodeError) as e:
+                stub = _stub(raw)
+                self.recs.append(stub)
+                self.malformed.add(pos)
+                self.report(pos, stub, "edited", f"row at position {pos} is malformed: {e}")
+
+    # -- 1. edits, and the seqs of moved records
+
+    def find_edits(self) -> None:
+        """Records whose content no longer matches their own hash.
+
+        One that matches it under another seq was moved, not edited: where seq is the table's
+        row id (SQLite), a reordering or an insertion in the middle must renumber the records
+        it moves.
+        """
+        recs = self.recs
+        mismatched = [
+            p for p in range(len(recs)) if p not in self.malformed and not _hash_matches(recs[p])
+        ]
+        self.renumbered = _recover_seqs(recs, mismatched, self.genesis, self.start_seq)
+        self.edited = set(self.malformed)
+        for pos in mismatched:
+            if pos not in self.renumbered:
+                self.edited.add(pos)
+                r = recs[pos]
+                self.report(
+                    pos, r, "edited", f"{_name(r)} was edited: its content does not match its hash"
+                )
+
+    # -- 2. insertions
+
+    def find_insertions(self) -> None:
+        """Records chained around, or repeating another's seq, that nothing is chained to."""
+        referenced = Counter(r.prev_hash for r in self.recs)
+        self._find_bypassed(referenced)
+        self._find_duplicate_seqs(referenced)
+        self.genuine = [p for p in range(len(self.recs)) if p not in self.inserted]
+        self.seq_to_pos = {self.recs[p].seq: p for p in self.genuine}
+
+    def _hash_at(self, pos: int) -> str:
+        return self.genesis if pos < 0 else self.recs[pos].hash
+
+    def _find_bypassed(self, referenced: Counter[str]) -> None:
+        # The record after it is chained to the record before it, and nothing to it.
+        recs = self.recs
+        for pos in range(1, len(recs)):
+            r, before = recs[pos], recs[pos - 1]
+            if (
+                r.prev_hash != before.hash
+                and r.prev_hash == self._hash_at(pos - 2)
+                and referenced[before.hash] == 0
+                and pos - 1 not in self.inserted
+            ):
+                self.inserted.add(pos - 1)
+                self.report(
+                    pos - 1,
+                    before,
+                    "inserted",
+                    f"{_name(before)} was inserted: the record after it, {_name(r)}, "
+                    f"is chained to the record before it",
+                )
+
+    def _find_duplicate_seqs(self, referenced: Counter[str]) -> None:
+        recs = self.recs
+        by_seq: dict[int, list[int]] = {}
+        for pos, r in enumerate(recs):
+            if pos not in self.inserted:
+                by_seq.setdefault(r.seq, []).append(pos)
+        for seq, positions in by_seq.items():
+            if len(positions) < 2:
+                continue
+            orphans = [p for p in positions if referenced[recs[p].hash] == 0]
+            # The genuine one is normally chained to; at the end of the log neither is, so
+            # the later copy is the intruder.
+            intruders = orphans if len(orphans) < len(positions) else positions[1:]
+            for p in intruders:
+                self.inserted.add(p)
+                self.report(
+                    p,
+                    recs[p],
+                    "inserted",
+                    f"{_name(recs[p])} was inserted: another record already has seq {seq}",
+                )
+
+    # -- 3. reordering
+
+    def find_reorderings(self) -> None:
+        """Records outside one longest run of increasing seq, then runs of moved records."""
+        recs, genuine = self.recs, self.genuine
+        self.in_order = {genuine[i] for i in _longest_increasing([recs[p].seq for p in genuine])}
+        for i, p in enumerate(genuine):
+            if p in self.in_order:
+                continue
+            r = recs[p]
+            after = recs[genuine[i - 1]] if i else None
+            where = f"after seq {after.seq}" if after else "first"
+            stored = f" (stored as seq {self.renumbered[p]})" if p in self.renumbered else ""
+            self.report(
+                p,
+                r,
+                "reordered",
+                f"{_name(r)} is out of order: it appears {where} at position {p}{stored}",
+            )
+        for run in self._moved_runs():
+            self._report_moved(run)
+
+    def _moved_runs(self) -> list[list[int]]:
+        """Moved records still in order (e.g. renumbered to make room for an insertion),
+        grouped in runs of neighbours moved by the same offset."""
+        recs, renumbered = self.recs, self.renumbered
+        runs: list[list[int]] = []
+        for p in sorted(renumbered):
+            if p in self.in_order and p not in self.inserted:
+                offset = renumbered[p] - recs[p].seq
+                last = runs[-1][-1] if runs else None
+                if (
+                    last is not None
+                    and last == p - 1
+                    and renumbered[last] - recs[last].seq == offset
+                ):
+                    runs[-1].append(p)
+                else:
+                    runs.append([p])
+        return runs
+
+    def _report_moved(self, run: list[int]) -> None:
+        first, last = self.recs[run[0]], self.recs[run[-1]]
+        if len(run) == 1:
+            what = f"{_name(first)} was moved: it is stored as seq {self.renumbered[run[0]]}"
+        else:
+            what = (
+                f"records seq {first.seq}..{last.seq} were renumbered: stored as seq "
+                f"{self.renumbered[run[0]]}..{self.renumbered[run[-1]]}"
+            )
+        self.report(run[0], first, "reordered", what)
+
+    # -- 4. links
+
+    def check_links(self) -> None:
+        """Each record must be chained to the record with the seq before it.
+
+        By seq, so that a reordering is not also reported as a break.
+        """
+        present = sorted(self.seq_to_pos)
+        for p in self.genuine:
+            r = self.recs[p]
+            if r.seq == self.start_seq:
+                if r.prev_hash != self.genesis:
+                    self.report(
+                        p,
+                        r,
+                        "edited",
+                        f"{_name(r)} is the first record but is chained to "
+                        f"{_short(r.prev_hash)}, not the start of the log",
+                    )
+                continue
+            pred_pos = self.seq_to_pos.get(r.seq - 1)
+            if pred_pos is None:
+                self._report_gap(p, r, present)
+            else:
+                self._check_link(pred_pos, p)
+
+    def _report_gap(self, p: int, r: DecisionRecord, present: list[int]) -> None:
+        start_seq = self.start_seq
+        if r.seq <= start_seq:
+            self.report(p, r, "edited", f"{_name(r)} has a seq below the start of the log")
+            return
+        k = bisect.bisect_left(present, r.seq)
+        lower = present[k - 1] if k else start_seq - 1
+        follows = f"seq {lower}" if lower >= start_seq else "the start of the log"
+        self.report(
+            p,
+            r,
+            "deleted",
+            f"{_name(r)} follows {follows} but was chained to {_short(r.prev_hash)}: "
+            f"{_seq_range(lower + 1, r.seq - 1)} deleted",
+        )
+
+    def _check_link(self, pred_pos: int, p: int) -> None:
+        r, pred = self.recs[p], self.recs[pred_pos]
+        if r.prev_hash != pred.hash and pred_pos not in self.edited and p not in self.edited:
+            # The predecessor's content matches its own (new) hash: it was rewritten and
+            # re-hashed after this record was chained to it.
+            self.report(
+                pred_pos,
+                pred,
+                "edited",
+                f"{_name(pred)} was replaced or edited and re-hashed: {_name(r)} was chained "
+                f"to {_short(r.prev_hash)}, not {_short(pred.hash)}",
+            )
+
+    # -- 5. the end of the log, against what the caller knows independently
+
+    def check_count(self, expected_count: int) -> None:
+        """Records cut from or appended to the end, against the expected count."""
+        recs, seq_to_pos = self.recs, self.seq_to_pos
+        max_seq = max(seq_to_pos) if seq_to_pos else self.start_seq - 1
+        want_last = self.start_seq + expected_count - 1
+        if max_seq < want_last:
+            self.report(
+                len(recs),
+                None,
+                "deleted",
+                f"the log ends at seq {max_seq} but {expected_count} records were expected: "
+                f"{_seq_range(max_seq + 1, want_last)} deleted from the end",
+            )
+        elif max_seq > want_last:
+            self.report(
+                seq_to_pos[max_seq],
+                recs[seq_to_pos[max_seq]],
+                "inserted",
+                f"the log runs to seq {max_seq} but only {expected_count} records were expected: "
+                f"records after seq {want_last} were appended",
+            )
+
+    def check_head(self, expected_head: str, head: str) -> None:
+        """Records cut from or appended to the end, against the expected head hash."""
+        if expected_head == head:
+            return
+        recs = self.recs
+        at = next((p for p, r in enumerate(recs) if r.hash == expected_head), None)
+        if at is not None:
+            self.report(
+                at + 1,
+                recs[at + 1] if at + 1 < len(recs) else None,
+                "inserted",
+                f"the expected head {_short(expected_head)} is seq {recs[at].seq}: "
+                f"the records after it were appended",
+            )
+        else:
+            last = recs[self.genuine[-1]] if self.genuine else None
+            self.report(
+                len(recs),
+                last,
+                "deleted",
+                f"the expected head {_short(expected_head)} is not in the log: records were "
+                f"deleted from the end or the chain was rewritten",
+            )
+
+
 def verify_chain(
     records: Iterable[DecisionRecord | Mapping[str, Any]],
     *,
@@ -139,238 +447,22 @@ def verify_chain(
     ``expected_count`` / ``expected_head`` (from the hub's own counter) also catch records
     cut from or appended to the end; ``genesis`` / ``start_seq`` verify a slice of the log.
     """
-    recs: list[DecisionRecord] = []
-    malformed: set[int] = set()
-    problems: list[tuple[int, dict[str, Any]]] = []  # (position, problem) for sorting
-
-    def report(pos: int, r: DecisionRecord | None, kind: ProblemKind, message: str) -> None:
-        problems.append(
-            (
-                pos,
-                {
-                    "seq": r.seq if r else None,
-                    "decision_id": r.decision_id if r else None,
-                    "kind": kind,
-                    "message": message,
-                },
-            )
-        )
-
-    for pos, raw in enumerate(records):
-        if isinstance(raw, DecisionRecord):
-            recs.append(raw)
-            continue
-        try:
-            recs.append(_check_types(record_from_row(raw)))
-        except (ValueError, TypeError, json.JSONDecodeError) as e:
-            # Keep a placeholder so positions stay right; it can match no hash.
-            seq = raw.get("seq")
-            stub = DecisionRecord(
-                seq=seq if isinstance(seq, int) else 0,
-                decision_id=str(raw.get("decision_id")),
-                timestamp="",
-                path="",
-                input={},
-                result={},
-                revision="",
-                labels={},
-                metrics={},
-                erased=[],
-                masked=[],
-                kind="",
-                allow=False,
-                subject=None,
-                agent=None,
-                task_id=None,
-                prev_hash=str(raw.get("prev_hash") or ""),
-                hash=str(raw.get("hash") or ""),
-            )
-            recs.append(stub)
-            malformed.add(pos)
-            report(pos, stub, "edited", f"row at position {pos} is malformed: {e}")
-
-    # 1. Edits: a record whose content no longer matches its own hash. One that matches it
-    # under another seq was moved, not edited: where seq is the table's row id (SQLite), a
-    # reordering or an insertion in the middle must renumber the records it moves.
-    mismatched = [p for p in range(len(recs)) if p not in malformed and not _hash_matches(recs[p])]
-    renumbered = _recover_seqs(recs, mismatched, genesis, start_seq)
-    edited: set[int] = set(malformed)
-    for pos in mismatched:
-        if pos not in renumbered:
-            edited.add(pos)
-            r = recs[pos]
-            report(pos, r, "edited", f"{_name(r)} was edited: its content does not match its hash")
-
-    # 2. Insertions: the record after it is chained to the record before it, and nothing is
-    # chained to it; or it repeats another record's seq and nothing is chained to it.
-    referenced = Counter(r.prev_hash for r in recs)
-
-    def hash_at(pos: int) -> str:
-        return genesis if pos < 0 else recs[pos].hash
-
-    inserted: set[int] = set()
-    for pos in range(1, len(recs)):
-        r, before = recs[pos], recs[pos - 1]
-        if (
-            r.prev_hash != before.hash
-            and r.prev_hash == hash_at(pos - 2)
-            and referenced[before.hash] == 0
-            and pos - 1 not in inserted
-        ):
-            inserted.add(pos - 1)
-            report(
-                pos - 1,
-                before,
-                "inserted",
-                f"{_name(before)} was inserted: the record after it, {_name(r)}, "
-                f"is chained to the record before it",
-            )
-    by_seq: dict[int, list[int]] = {}
-    for pos, r in enumerate(recs):
-        if pos not in inserted:
-            by_seq.setdefault(r.seq, []).append(pos)
-    for seq, positions in by_seq.items():
-        if len(positions) < 2:
-            continue
-        orphans = [p for p in positions if referenced[recs[p].hash] == 0]
-        # The genuine one is normally chained to; at the end of the log neither is, so the
-        # later copy is the intruder.
-        intruders = orphans if len(orphans) < len(positions) else positions[1:]
-        for p in intruders:
-            inserted.add(p)
-            report(
-                p,
-                recs[p],
-                "inserted",
-                f"{_name(recs[p])} was inserted: another record already has seq {seq}",
-            )
-
-    genuine = [p for p in range(len(recs)) if p not in inserted]
-    seq_to_pos = {recs[p].seq: p for p in genuine}
-
-    # 3. Reordering: records outside one longest run of increasing seq are out of place.
-    in_order = {genuine[i] for i in _longest_increasing([recs[p].seq for p in genuine])}
-    for i, p in enumerate(genuine):
-        if p in in_order:
-            continue
-        r = recs[p]
-        after = recs[genuine[i - 1]] if i else None
-        where = f"after seq {after.seq}" if after else "first"
-        stored = f" (stored as seq {renumbered[p]})" if p in renumbered else ""
-        report(
-            p,
-            r,
-            "reordered",
-            f"{_name(r)} is out of order: it appears {where} at position {p}{stored}",
-        )
-    # Moved records still in order (e.g. renumbered to make room for an insertion), one
-    # problem per run of records moved by the same offset.
-    runs: list[list[int]] = []
-    for p in sorted(renumbered):
-        if p in in_order and p not in inserted:
-            offset = renumbered[p] - recs[p].seq
-            last = runs[-1][-1] if runs else None
-            if last is not None and last == p - 1 and renumbered[last] - recs[last].seq == offset:
-                runs[-1].append(p)
-            else:
-                runs.append([p])
-    for run in runs:
-        first, last = recs[run[0]], recs[run[-1]]
-        if len(run) == 1:
-            what = f"{_name(first)} was moved: it is stored as seq {renumbered[run[0]]}"
-        else:
-            what = (
-                f"records seq {first.seq}..{last.seq} were renumbered: stored as seq "
-                f"{renumbered[run[0]]}..{renumbered[run[-1]]}"
-            )
-        report(run[0], first, "reordered", what)
-
-    # 4. Links, by seq so that a reordering is not also reported as a break: each record must
-    # be chained to the record with the seq before it.
-    present = sorted(seq_to_pos)
-    for p in genuine:
-        r = recs[p]
-        if r.seq == start_seq:
-            if r.prev_hash != genesis:
-                report(
-                    p,
-                    r,
-                    "edited",
-                    f"{_name(r)} is the first record but is chained to {_short(r.prev_hash)}, "
-                    f"not the start of the log",
-                )
-            continue
-        pred_pos = seq_to_pos.get(r.seq - 1)
-        if pred_pos is None:
-            k = bisect.bisect_left(present, r.seq)
-            lower = present[k - 1] if k else start_seq - 1
-            if r.seq <= start_seq:
-                report(p, r, "edited", f"{_name(r)} has a seq below the start of the log")
-                continue
-            follows = f"seq {lower}" if lower >= start_seq else "the start of the log"
-            report(
-                p,
-                r,
-                "deleted",
-                f"{_name(r)} follows {follows} but was chained to {_short(r.prev_hash)}: "
-                f"{_seq_range(lower + 1, r.seq - 1)} deleted",
-            )
-            continue
-        pred = recs[pred_pos]
-        if r.prev_hash != pred.hash and pred_pos not in edited and p not in edited:
-            # The predecessor's content matches its own (new) hash: it was rewritten and
-            # re-hashed after this record was chained to it.
-            report(
-                pred_pos,
-                pred,
-                "edited",
-                f"{_name(pred)} was replaced or edited and re-hashed: {_name(r)} was chained "
-                f"to {_short(r.prev_hash)}, not {_short(pred.hash)}",
-            )
-
-    # 5. The end of the log, against what the caller knows independently.
-    last = recs[genuine[-1]] if genuine else None
-    max_seq = max(present) if present else start_seq - 1
+    check = _Check(genesis, start_seq)
+    check.parse(records)
+    check.find_edits()
+    check.find_insertions()
+    check.find_reorderings()
+    check.check_links()
     if expected_count is not None:
-        want_last = start_seq + expected_count - 1
-        if max_seq < want_last:
-            report(
-                len(recs),
-                None,
-                "deleted",
-                f"the log ends at seq {max_seq} but {expected_count} records were expected: "
-                f"{_seq_range(max_seq + 1, want_last)} deleted from the end",
-            )
-        elif max_seq > want_last:
-            extra = recs[seq_to_pos[max_seq]]
-            report(
-                seq_to_pos[max_seq],
-                extra,
-                "inserted",
-                f"the log runs to seq {max_seq} but only {expected_count} records were expected: "
-                f"records after seq {want_last} were appended",
-            )
-    head = recs[-1].hash if recs else genesis
-    if expected_head is not None and expected_head != head:
-        at = next((p for p, r in enumerate(recs) if r.hash == expected_head), None)
-        if at is not None:
-            report(
-                at + 1,
-                recs[at + 1] if at + 1 < len(recs) else None,
-                "inserted",
-                f"the expected head {_short(expected_head)} is seq {recs[at].seq}: "
-                f"the records after it were appended",
-            )
-        else:
-            report(
-                len(recs),
-                last,
-                "deleted",
-                f"the expected head {_short(expected_head)} is not in the log: records were "
-                f"deleted from the end or the chain was rewritten",
-            )
-
-    problems.sort(key=lambda item: item[0])
+        check.check_count(expected_count)
+    head = check.recs[-1].hash if check.recs else genesis
+    if expected_head is not None:
+        check.check_head(expected_head, head)
+    # Stable: problems at one position stay in the order the phases found them.
+    check.problems.sort(key=lambda item: item[0])
     return VerifyReport(
-        ok=not problems, checked=len(recs), problems=[p for _, p in problems], head=head
+        ok=not check.problems,
+        checked=len(check.recs),
+        problems=[p for _, p in check.problems],
+        head=head,
     )

@@ -4,86 +4,174 @@ from __future__ import annotations
 
 from typing import Any
 
-SCHEMAS = "https://agent-gateway.local/schemas/"
-_ERROR = {"$ref": "#/components/schemas/Error"}
-_SVID = [{"svid": []}]
+from gateway.http.openapi_parts import (
+    BODY_SCHEMAS,
+    SVID,
+    json_body,
+    json_response,
+    operation,
+    param,
+    ref,
+)
+
+SECURITY_SCHEME = {"type": "http", "scheme": "bearer", "bearerFormat": "JWT-SVID"}
 
 
-def _resp(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": {}}}}
-
-
-def _errors(*statuses: int) -> dict[str, Any]:
+def _schemas() -> dict[str, Any]:
+    child = ref("schemas", "ChildTask")
     return {
-        str(s): {"description": f"error ({s})", "content": {"application/json": {"schema": _ERROR}}}
-        for s in statuses
+        "Replied": {
+            "type": "object",
+            "required": ["reply", "from", "message_id", "decision_id"],
+            "properties": {
+                "reply": {"description": "the target agent's reply"},
+                "from": {
+                    "type": "object",
+                    "required": ["agent", "spiffe_id"],
+                    "properties": {
+                        "agent": {"type": "string"},
+                        "spiffe_id": {"type": "string", "pattern": "^spiffe://"},
+                    },
+                },
+                "message_id": {"type": "string"},
+                "decision_id": {"type": "string"},
+                "correlation_id": {"type": "string"},
+            },
+        },
+        "Delivered": {
+            "type": "object",
+            "required": ["delivered", "recipients"],
+            "properties": {
+                "delivered": {"type": "integer", "minimum": 0},
+                "recipients": {"type": "array", "items": {"type": "string"}},
+                "decision_id": {"type": "string"},
+                "refused": {"type": "array"},
+                "decision_ids": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+        "Delegated": {
+            "allOf": [
+                child,
+                {
+                    "type": "object",
+                    "required": ["message_decision_id"],
+                    "properties": {"message_decision_id": {"type": "string"}},
+                },
+            ]
+        },
+        "ResultAccepted": {
+            "type": "object",
+            "required": ["task_id", "state"],
+            "properties": {"task_id": {"type": "string"}, "state": {"type": "string"}},
+        },
+        "Renewed": {
+            "type": "object",
+            "required": ["token", "spiffe_id", "expires_at"],
+            "properties": {
+                "token": {"type": "string"},
+                "spiffe_id": {"type": "string", "pattern": "^spiffe://"},
+                "expires_at": {"type": "integer"},
+            },
+        },
+        "Bundle": {
+            "type": "object",
+            "required": ["keys"],
+            "properties": {
+                "keys": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["kty", "kid", "use"],
+                        "properties": {"use": {"const": "jwt-svid"}},
+                    },
+                },
+                "spiffe_refresh_hint": {"type": "integer"},
+            },
+        },
     }
 
 
-def _body(ref: str) -> dict[str, Any]:
-    return {"required": True, "content": {"application/json": {"schema": {"$ref": SCHEMAS + ref}}}}
+AGENT_SCHEMAS = _schemas()
 
 
-def agent_paths() -> dict[str, Any]:
+def agent_paths(max_wait_s: float) -> dict[str, Any]:
     """Paths for messages, reported results and identity."""
     return {
         "/v1/messages": {
-            "post": {
-                "summary": "Send a message to other agents through the hub (agent SVID)",
-                "description": (
-                    "request: 200 with the target's reply; event and broadcast: 202 with the "
-                    "number of deliveries; delegate: 202 with the child task, or 200 with the "
-                    "finished child when it ends within ?wait"
-                ),
-                "security": _SVID,
-                "parameters": [
-                    {
-                        "name": "wait",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "number", "minimum": 0},
-                        "description": "delegate: seconds to wait for the child task",
-                    }
-                ],
-                "requestBody": _body("messages/envelope.schema.json"),
-                "responses": {
-                    "200": _resp("the reply (request) or the finished child task (delegate)"),
-                    "202": _resp("delivered (event, broadcast) or child task accepted"),
-                    **_errors(400, 401, 403, 404, 409, 413, 415, 502, 503, 504),
+            "post": operation(
+                "Send a message to other agents through the hub (agent SVID)",
+                {
+                    "200": json_response(
+                        "the reply (request) or the finished child task (delegate)",
+                        {"anyOf": [ref("schemas", "Replied"), ref("schemas", "Delegated")]},
+                        headers=["Location"],
+                    ),
+                    "202": json_response(
+                        "delivered (event, broadcast) or child task accepted (delegate)",
+                        {"anyOf": [ref("schemas", "Delivered"), ref("schemas", "Delegated")]},
+                        headers=["Location"],
+                    ),
                 },
-            }
+                description=(
+                    "request: 200 with the target's reply; event and broadcast: 202 with the "
+                    "number of deliveries; delegate: 202 with the child task (Location), or "
+                    "200 with the finished child when it ends within ?wait"
+                ),
+                security=SVID,
+                body=json_body(
+                    ref("schemas", BODY_SCHEMAS["messages/envelope.schema.json"]),
+                    {
+                        "type": "request",
+                        "to": "wordstats",
+                        "kind": "text.stats",
+                        "payload": {"text": "one two two"},
+                    },
+                ),
+                parameters=[
+                    param(
+                        "wait",
+                        "query",
+                        {"type": "number", "minimum": 0, "maximum": max_wait_s},
+                        f"delegate: seconds to wait for the child task (at most {max_wait_s:g})",
+                    )
+                ],
+                errors=[404, 409, 502, 504],
+                agent_route=True,
+            )
         },
         "/v1/tasks/{task_id}/result": {
-            "post": {
-                "summary": "Report the result of a task the agent answered 202 to (its SVID)",
-                "security": _SVID,
-                "parameters": [
-                    {
-                        "name": "task_id",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "string"},
-                        "description": "task id",
-                    }
+            "post": operation(
+                "Report the result of a task the agent answered 202 to (its SVID)",
+                {"200": json_response("the task's state", ref("schemas", "ResultAccepted"))},
+                security=SVID,
+                body=json_body(ref("schemas", BODY_SCHEMAS["task.result.schema.json"])),
+                parameters=[
+                    param("task_id", "path", {"type": "string", "minLength": 1}, "task id")
                 ],
-                "requestBody": _body("task.result.schema.json"),
-                "responses": {"200": _resp("the task's state"), **_errors(400, 401, 403, 409)},
-            }
+                errors=[404, 409],
+                agent_route=True,
+            )
         },
         "/v1/identity/renew": {
-            "post": {
-                "summary": "Exchange a valid JWT-SVID for a fresh one (same agent and container)",
-                "security": _SVID,
-                "responses": {"200": _resp("token, spiffe_id, expires_at"), **_errors(401)},
-            }
+            "post": operation(
+                "Exchange a valid JWT-SVID for a fresh one (same agent and container)",
+                {"200": json_response("token, spiffe_id, expires_at", ref("schemas", "Renewed"))},
+                security=SVID,
+                agent_route=True,
+            )
         },
         "/v1/identity/bundle": {
-            "get": {
-                "summary": "The hub's JWT bundle (SPIFFE JWKS, use: jwt-svid)",
-                "responses": {"200": _resp("JWKS")},
-            }
+            "get": operation(
+                "The hub's JWT bundle (SPIFFE JWKS, use: jwt-svid)",
+                {
+                    "200": json_response(
+                        "JWKS",
+                        ref("schemas", "Bundle"),
+                        headers=["Cache-Control"],
+                        required_headers=["Cache-Control"],
+                    )
+                },
+                agent_route=True,
+            )
         },
     }
-
-
-SECURITY_SCHEME = {"type": "http", "scheme": "bearer", "bearerFormat": "JWT-SVID"}

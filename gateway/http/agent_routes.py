@@ -8,8 +8,9 @@
 | ``GET /v1/identity/bundle`` | anyone (public keys only) |
 
 ``GET /v1/tasks/{task_id}`` also accepts an agent's token (for the tasks it delegated and its
-own); ``gateway.http.app`` hands those requests to ``agent_get_task``. Parsing and
-authentication only: the routing logic is in ``gateway.routers.messages``.
+own); ``gateway.http.app`` hands those requests to ``agent_get_task``. Parsing,
+authentication and the status code of each outcome only: the routing logic is in
+``gateway.routers.messages``, the response bodies in ``gateway.http.views``.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from typing import Any
 from aiohttp import web
 
 from gateway.errors import BadRequest, Unauthorized, UnknownTask
+from gateway.http.appkeys import HUB
 from gateway.http.middlewares import read_json
+from gateway.http.views import child_view, delegated_view, delivered_view, replied_view
 from gateway.hub import Hub
-from gateway.routers.messages import Sender, child_view
-from gateway.store import TERMINAL_STATES
+from gateway.routers.messages import Delegated, Replied, Sender
 
-AGENT_HUB = web.AppKey("agent_hub", Hub)
 SENDER = "agent_sender"
 routes = web.RouteTableDef()
 
@@ -51,7 +52,7 @@ def authenticate_agent(request: web.Request) -> Sender:
     """The verified sender of the request, or an Unauthorized subclass saying why not."""
     cached = request.get(SENDER)
     if cached is None:
-        hub = request.app[AGENT_HUB]
+        hub = request.app[HUB]
         identity = hub.identities.verify(bearer_token(request))
         cached = request[SENDER] = hub.messages.sender(identity)
     return cached
@@ -82,30 +83,38 @@ def _request_info(request: web.Request) -> dict[str, Any]:
 
 @routes.post("/v1/messages")
 async def post_message(request: web.Request) -> web.Response:
-    hub = request.app[AGENT_HUB]
+    hub = request.app[HUB]
     sender = authenticate_agent(request)
     wait = _wait(request, hub)
     body = await read_json(request)
     # Only a delegation (a child task) records where its request came from.
     delegate = isinstance(body, dict) and body.get("type") == "delegate"
     info = _request_info(request) if delegate else None
-    status, out = await hub.messages.send(sender, body, wait_s=wait, request=info)
-    headers = {"Location": f"/v1/tasks/{out['task_id']}"} if "task_id" in out else None
-    return web.json_response(out, status=status, headers=headers)
+    routed = await hub.messages.send(sender, body, wait_s=wait, request=info)
+    if isinstance(routed, Delegated):
+        # 200 once the child has ended (within the wait), else 202: poll its Location.
+        return web.json_response(
+            delegated_view(routed),
+            status=200 if routed.task.terminal else 202,
+            headers={"Location": f"/v1/tasks/{routed.task.id}"},
+        )
+    if isinstance(routed, Replied):
+        return web.json_response(replied_view(routed))
+    return web.json_response(delivered_view(routed), status=202)
 
 
 @routes.post("/v1/tasks/{task_id}/result")
 async def post_result(request: web.Request) -> web.Response:
-    hub = request.app[AGENT_HUB]
+    hub = request.app[HUB]
     sender = authenticate_agent(request)
     body = await read_json(request)
-    out = await hub.messages.report_result(sender, request.match_info["task_id"], body)
-    return web.json_response(out)
+    task = await hub.messages.report_result(sender, request.match_info["task_id"], body)
+    return web.json_response({"task_id": task.id, "state": task.state})
 
 
 @routes.post("/v1/identity/renew")
 async def renew_identity(request: web.Request) -> web.Response:
-    hub = request.app[AGENT_HUB]
+    hub = request.app[HUB]
     svid = hub.identities.renew(bearer_token(request))
     return web.json_response(
         {"token": svid.token, "spiffe_id": svid.spiffe_id, "expires_at": int(svid.expires_at)}
@@ -114,7 +123,7 @@ async def renew_identity(request: web.Request) -> web.Response:
 
 @routes.get("/v1/identity/bundle")
 async def identity_bundle(request: web.Request) -> web.Response:
-    hub = request.app[AGENT_HUB]
+    hub = request.app[HUB]
     return web.json_response(
         hub.identities.bundle(),
         headers={"Cache-Control": f"max-age={hub.settings.svid_ttl_s // 2}"},
@@ -123,21 +132,20 @@ async def identity_bundle(request: web.Request) -> web.Response:
 
 async def agent_get_task(request: web.Request) -> web.Response:
     """``GET /v1/tasks/{task_id}`` for an agent: its own task or one it delegated."""
-    hub = request.app[AGENT_HUB]
+    hub = request.app[HUB]
     sender = authenticate_agent(request)
     task_id = request.match_info["task_id"]
     wait = _wait(request, hub)
     own = sender.instance.task_id if sender.instance else None
     task = await hub.store.get_task(task_id)
-    if own is None or own not in (task["id"], task.get("parent_id")):
+    if own is None or own not in (task.id, task.parent_id):
         raise UnknownTask(f"no task {task_id!r}")
-    if wait and task["state"] not in TERMINAL_STATES:
-        await hub.router.wait(task_id, wait)
-        task = await hub.store.get_task(task_id)
+    if wait and not task.terminal:
+        task = await hub.router.wait_for(task_id, wait)
     return web.json_response(child_view(task))
 
 
 def setup_agent_routes(app: web.Application, hub: Hub) -> None:
     """Add the agent-facing routes to ``app`` (called by ``gateway.http.app.create_app``)."""
-    app[AGENT_HUB] = hub
+    app[HUB] = hub
     app.add_routes(routes)

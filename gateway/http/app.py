@@ -1,55 +1,32 @@
-"""The aiohttp application: parse, authenticate, call the hub, map errors. Nothing else."""
+"""The aiohttp application: parse, authenticate, call the hub, map errors. Nothing else.
+
+Every handler asks the API policy first (``gateway.http.access.authorize``): who may make
+which call is in ``policies/api.rego``, not here.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import AsyncIterator
-from typing import Any
 
 from aiohttp import web
 
 from gateway.containers.backend import ContainerBackend
 from gateway.errors import BadRequest, ConfigError, GatewayError, InvalidConfig
+from gateway.http.access import authorize, authorize_subject
 from gateway.http.agent_routes import agent_get_task, presents_svid, setup_agent_routes
+from gateway.http.appkeys import HUB, KEYS, MAX_BODY
 from gateway.http.audit import setup_audit_routes
-from gateway.http.middlewares import KEYS, MAX_BODY, authenticate, error_middleware, read_json
+from gateway.http.middlewares import error_middleware, read_json
 from gateway.http.openapi import openapi_document
+from gateway.http.openapi_parts import MAX_CURSOR_DIGITS
+from gateway.http.views import task_view
 from gateway.hub import Hub
+from gateway.routers.access import task_resource
 from gateway.settings import Settings
 from gateway.store import TERMINAL_STATES
 
-HUB = web.AppKey("hub", Hub)
 routes = web.RouteTableDef()
-
-
-def task_view(task: dict[str, Any]) -> dict[str, Any]:
-    """A stored task as the API shows it."""
-    view: dict[str, Any] = {
-        "task_id": task["id"],
-        "state": task["state"],
-        "agent": task["agent"],
-        "capability": task.get("capability"),
-        "subject": task.get("subject"),
-        "decision_id": task.get("decision_id"),
-        "timeout_s": task.get("timeout_s"),
-        "created_at": task.get("created_at"),
-        "updated_at": task.get("updated_at"),
-        "container": (
-            {"id": task["container_id"], "name": task.get("container_name")}
-            if task.get("container_id")
-            else None
-        ),
-        "labels": task.get("labels"),
-    }
-    if task.get("sandbox") is not None:
-        view["sandbox"] = task["sandbox"]
-    if task.get("result") is not None:
-        view["result"] = task["result"]
-    if task.get("error") is not None:
-        view["error"] = task["error"]
-    if "history" in task:
-        view["history"] = task["history"]
-    return view
 
 
 def _float_param(request: web.Request, name: str, low: float, high: float) -> float | None:
@@ -81,13 +58,23 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
     return int(value)
 
 
+def _cursor_param(request: web.Request) -> int | None:
+    # ASCII digits only ("²".isdigit() is true), and few enough to fit SQLite's INTEGER.
+    raw = request.query.get("cursor")
+    if raw is None:
+        return None
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= MAX_CURSOR_DIGITS):
+        raise BadRequest("cursor is not valid", details={"parameter": "cursor"})
+    return int(raw)
+
+
 # --- tasks ----------------------------------------------------------------------------
 
 
 @routes.post("/v1/tasks")
 async def submit_task(request: web.Request) -> web.Response:
     hub = request.app[HUB]
-    subject = authenticate(request)
+    subject, _ = await authorize_subject(request)
     wait = _float_param(request, "wait", 0, hub.settings.max_wait_s)
     body = await read_json(request)
     idem = request.headers.get("Idempotency-Key")
@@ -105,11 +92,10 @@ async def submit_task(request: web.Request) -> web.Response:
         },
         idempotency_key=idem,
     )
-    if wait:
-        await hub.router.wait(task["id"], wait)
-    task = await hub.store.get_task(task["id"])
-    status = 200 if task["state"] in TERMINAL_STATES else 202
-    headers = {"Location": f"/v1/tasks/{task['id']}"}
+    # Read again (with its history) even without a wait: the runner may have moved it on.
+    task = await hub.router.wait_for(task.id, wait or 0)
+    status = 200 if task.terminal else 202
+    headers = {"Location": f"/v1/tasks/{task.id}"}
     if not created:
         headers["Idempotent-Replayed"] = "true"
     return web.json_response(task_view(task), status=status, headers=headers)
@@ -120,32 +106,30 @@ async def get_task(request: web.Request) -> web.Response:
     if presents_svid(request):  # an agent polling a task it delegated
         return await agent_get_task(request)
     hub = request.app[HUB]
-    subject = authenticate(request)
     wait = _float_param(request, "wait", 0, hub.settings.max_wait_s)
     task_id = request.match_info["task_id"]
-    task = await hub.router.get(task_id, subject)
-    if wait and task["state"] not in TERMINAL_STATES:
-        await hub.router.wait(task_id, wait)
-        task = await hub.router.get(task_id, subject)
+    task = await hub.router.get(task_id)
+    await authorize_subject(request, task_resource(task))
+    if wait and not task.terminal:
+        task = await hub.router.wait_for(task_id, wait)
     return web.json_response(task_view(task))
 
 
 @routes.get("/v1/tasks")
 async def list_tasks(request: web.Request) -> web.Response:
     hub = request.app[HUB]
-    subject = authenticate(request)
+    subject, access = await authorize_subject(request, {"kind": "tasks"})
     limit = _int_param(request, "limit", 50, 1, 500)
-    cursor = request.query.get("cursor")
-    before = None
-    if cursor is not None:
-        if not cursor.isdigit():
-            raise BadRequest("cursor is not valid", details={"parameter": "cursor"})
-        before = int(cursor)
+    before = _cursor_param(request)
     state = request.query.get("state")
     if state is not None and state not in ("pending", "dispatched", "running", *TERMINAL_STATES):
         raise BadRequest(f"unknown state {state!r}", details={"parameter": "state"})
     tasks, next_cursor = await hub.router.list(
-        subject, state=state, agent=request.query.get("agent"), limit=limit, before=before
+        subject=None if access.sees_all else subject.id,
+        state=state,
+        agent=request.query.get("agent"),
+        limit=limit,
+        before=before,
     )
     return web.json_response(
         {
@@ -158,8 +142,9 @@ async def list_tasks(request: web.Request) -> web.Response:
 @routes.delete("/v1/tasks/{task_id}")
 async def cancel_task(request: web.Request) -> web.Response:
     hub = request.app[HUB]
-    subject = authenticate(request)
-    task = await hub.router.cancel(request.match_info["task_id"], subject)
+    task_id = request.match_info["task_id"]
+    subject, _ = await authorize_subject(request, task_resource(await hub.router.get(task_id)))
+    task = await hub.router.cancel(task_id, by=subject.id)
     return web.json_response(task_view(task))
 
 
@@ -169,7 +154,7 @@ async def cancel_task(request: web.Request) -> web.Response:
 @routes.get("/v1/agents")
 async def list_agents(request: web.Request) -> web.Response:
     hub = request.app[HUB]
-    authenticate(request)
+    await authorize_subject(request, {"kind": "agents"})
     return web.json_response(
         {
             "revision": hub.config.registry_revision,
@@ -181,7 +166,7 @@ async def list_agents(request: web.Request) -> web.Response:
 @routes.get("/v1/agents/{name}")
 async def get_agent(request: web.Request) -> web.Response:
     hub = request.app[HUB]
-    authenticate(request)
+    await authorize_subject(request, {"kind": "agent", "name": request.match_info["name"]})
     agent = hub.config.registry.get(request.match_info["name"])
     return web.json_response({"revision": hub.config.registry_revision, **agent.to_json()})
 
@@ -189,7 +174,7 @@ async def get_agent(request: web.Request) -> web.Response:
 @routes.get("/v1/decisions")
 async def list_decisions(request: web.Request) -> web.Response:
     hub = request.app[HUB]
-    authenticate(request, role="auditor")
+    await authorize_subject(request, {"kind": "decisions"})
     limit = _int_param(request, "limit", 50, 1, 500)
     allow_raw = request.query.get("allow") or request.query.get("decision")
     allow: bool | None = None
@@ -198,9 +183,7 @@ async def list_decisions(request: web.Request) -> web.Response:
         if allow_raw not in mapping:
             raise BadRequest("decision must be allow or deny", details={"parameter": "decision"})
         allow = mapping[allow_raw]
-    cursor = request.query.get("cursor")
-    if cursor is not None and not cursor.isdigit():
-        raise BadRequest("cursor is not valid", details={"parameter": "cursor"})
+    before = _cursor_param(request)
     records, next_cursor = await hub.decisions.list(
         allow=allow,
         agent=request.query.get("agent"),
@@ -209,7 +192,7 @@ async def list_decisions(request: web.Request) -> web.Response:
         since=request.query.get("since"),
         until=request.query.get("until"),
         limit=limit,
-        before=int(cursor) if cursor else None,
+        before=before,
     )
     return web.json_response(
         {"decisions": records, "next_cursor": str(next_cursor) if next_cursor else None}
@@ -219,28 +202,29 @@ async def list_decisions(request: web.Request) -> web.Response:
 @routes.get("/v1/decisions/{decision_id}")
 async def get_decision(request: web.Request) -> web.Response:
     hub = request.app[HUB]
-    authenticate(request, role="auditor")
-    return web.json_response(await hub.decisions.get(request.match_info["decision_id"]))
+    decision_id = request.match_info["decision_id"]
+    await authorize_subject(request, {"kind": "decision", "id": decision_id})
+    return web.json_response(await hub.decisions.get(decision_id))
 
 
 @routes.get("/v1/status")
 async def status(request: web.Request) -> web.Response:
     hub = request.app[HUB]
-    authenticate(request, role="operator")
+    await authorize_subject(request)
     return web.json_response(await hub.status())
 
 
 @routes.post("/v1/admin/reload")
 async def admin_reload(request: web.Request) -> web.Response:
     hub = request.app[HUB]
-    authenticate(request, role="operator")
+    await authorize_subject(request)
     try:
         revisions = await hub.reload()
     except ConfigError as e:
         # The details are what /v1/status shows: location, failing tests, kept revisions.
         raise InvalidConfig(
             f"reload refused: {e.message}",
-            details=hub.last_reload_error or {"location": e.location},
+            details=hub.reloader.last_error or {"location": e.location},
         ) from None
     return web.json_response(
         {"reloaded": True, "revisions": revisions, "reload": hub.reloader.last_reload}
@@ -250,22 +234,22 @@ async def admin_reload(request: web.Request) -> web.Response:
 @routes.post("/v1/admin/identity/rotate")
 async def admin_rotate_identity_key(request: web.Request) -> web.Response:
     hub = request.app[HUB]
-    authenticate(request, role="operator")
+    await authorize_subject(request)
     return web.json_response(hub.identities.rotate())
 
 
 @routes.post("/v1/admin/mode")
 async def admin_mode(request: web.Request) -> web.Response:
     hub = request.app[HUB]
-    authenticate(request, role="operator")
+    await authorize_subject(request)
     body = await read_json(request)
     mode = body.get("mode") if isinstance(body, dict) else None
     if mode not in ("normal", "degraded", "auto"):
         raise BadRequest(
             "mode must be 'normal', 'degraded' or 'auto'", details={"pointer": "/mode"}
         )
-    hub.set_mode(None if mode == "auto" else mode)
-    return web.json_response({"mode": hub.mode, "forced_mode": hub.forced_mode})
+    hub.modes.force(None if mode == "auto" else mode)
+    return web.json_response({"mode": hub.modes.mode, "forced_mode": hub.modes.forced})
 
 
 # --- health, metrics, description ---------------------------------------------------
@@ -273,13 +257,15 @@ async def admin_mode(request: web.Request) -> web.Response:
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
+    await authorize(request, {"kind": "public"})
     return web.json_response({"status": "ok"})
 
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     hub = request.app[HUB]
-    reason = hub.dispatch_blocker()
+    await authorize(request, {"kind": "public"})
+    reason = hub.modes.blocker()
     if reason:
         return web.json_response(
             {"status": "degraded", "reason": reason}, status=503, headers={"Retry-After": "5"}
@@ -290,13 +276,17 @@ async def readyz(request: web.Request) -> web.Response:
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     hub = request.app[HUB]
+    await authorize(request, {"kind": "public"})
     await hub.status()  # refreshes the gauges read from the store
     return web.Response(body=hub.metrics.render(), content_type="text/plain", charset="utf-8")
 
 
 @routes.get("/openapi.json")
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document())
+    hub = request.app[HUB]
+    await authorize(request, {"kind": "public"})
+    schemas = hub.config.schemas.documents if hub.has_config else None
+    return web.json_response(openapi_document(settings=hub.settings, schemas=schemas))
 
 
 def create_app(settings: Settings, *, backend: ContainerBackend | None = None) -> web.Application:

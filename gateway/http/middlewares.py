@@ -22,14 +22,13 @@ from gateway.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from gateway.identity.apikeys import KeyStore, Subject
+from gateway.http.appkeys import KEYS, MAX_BODY
+from gateway.identity.apikeys import Subject
 from gateway.ids import uuid4_hex
 from gateway.logs import bound, get_logger
 
 log = get_logger("http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-KEYS = web.AppKey("keys", KeyStore)
-MAX_BODY = web.AppKey("max_body", int)
 SUBJECT = "subject"
 
 
@@ -91,8 +90,13 @@ def error_middleware(
 def _from_http_exception(e: web.HTTPException) -> GatewayError:
     if e.status == 404:
         return NotFound("no such endpoint")
-    if e.status == 405:
-        return MethodNotAllowed("method not allowed on this endpoint")
+    if isinstance(e, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(e.allowed_methods))
+        return MethodNotAllowed(
+            f"{e.method} is not allowed on this endpoint; it allows {allowed}",
+            details={"allowed": sorted(e.allowed_methods)},
+            headers={"Allow": allowed},
+        )
     if e.status == 413:
         return PayloadTooLarge("request body is too large")
     err = GatewayError(e.reason or "HTTP error")
@@ -101,28 +105,33 @@ def _from_http_exception(e: web.HTTPException) -> GatewayError:
     return err
 
 
-def authenticate(request: web.Request, *, role: str | None = None) -> Subject:
-    """The caller's subject from ``Authorization: Bearer <key>`` (or ``X-API-Key``)."""
+def presented_key(request: web.Request) -> str | None:
+    """The API key in ``Authorization: Bearer <key>`` (or ``X-API-Key``); None if none."""
+    header = request.headers.get("Authorization", "")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise Unauthorized("Authorization header must be 'Bearer <API key>'")
+        return value.strip()
+    return request.headers.get("X-API-Key") or None
+
+
+def authenticate(request: web.Request) -> Subject:
+    """The caller's subject from its API key; Unauthorized when it has none or a bad one.
+
+    Authentication only: what the subject may do is the API policy's (``gateway.http.access``).
+    """
     cached = request.get(SUBJECT)
     if cached is None:
-        header = request.headers.get("Authorization", "")
-        key: str | None = None
-        if header:
-            scheme, _, value = header.partition(" ")
-            if scheme.lower() != "bearer" or not value.strip():
-                raise Unauthorized("Authorization header must be 'Bearer <API key>'")
-            key = value.strip()
-        else:
-            key = request.headers.get("X-API-Key")
-        cached = request.app[KEYS].authenticate(key)
-        request[SUBJECT] = cached
-    if role is not None and not cached.has(role):
-        from gateway.errors import Forbidden
-
-        raise Forbidden(
-            f"this endpoint needs the '{role}' role", details={"roles": list(cached.roles)}
-        )
+        cached = request[SUBJECT] = request.app[KEYS].authenticate(presented_key(request))
     return cached
+
+
+def authenticate_optional(request: web.Request) -> Subject | None:
+    """The caller's subject, or None for a caller that presents no key (a bad key is 401)."""
+    if request.get(SUBJECT) is None and presented_key(request) is None:
+        return None
+    return authenticate(request)
 
 
 async def read_json(request: web.Request) -> Any:

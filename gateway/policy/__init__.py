@@ -8,6 +8,7 @@ Parts:
 """
 
 from gateway.policy.engine import (
+    API_QUERY,
     DISPATCH_QUERY,
     MESSAGES_QUERY,
     Decision,
@@ -17,6 +18,7 @@ from gateway.policy.engine import (
 from gateway.policy.testing import TestReport, run_tests
 
 __all__ = [
+    "API_QUERY",
     "DISPATCH_QUERY",
     "MESSAGES_QUERY",
     "Decision",

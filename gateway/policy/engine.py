@@ -31,6 +31,7 @@ from gateway.errors import ConfigError
 
 DISPATCH_QUERY = "data.gateway.dispatch.decision"
 MESSAGES_QUERY = "data.gateway.messages.decision"
+API_QUERY = "data.gateway.api.decision"
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,12 @@ class Decision:
     error: str | None = None
     eval_ns: int = 0
     raw: Any = None
+    # Other members of the decision object (e.g. the API policy's ``scope``), JSON-plain.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"allow": self.allow, "reasons": list(self.reasons)}
+        """The decision as logged: the policy's object, with reasons sorted."""
+        body: dict[str, Any] = {**self.extra, "allow": self.allow, "reasons": list(self.reasons)}
         if self.sandbox is not None:
             body["sandbox"] = self.sandbox
         if self.error is not None:
@@ -286,7 +290,11 @@ def interpret(value: Any, eval_ns: int = 0) -> Decision:
         )
     if not allow and not reasons:
         reasons = ("denied by policy (no reason given)",)
-    return Decision(allow, reasons, _plain(sandbox), None, eval_ns, value)
+    extra = {k: _plain(v) for k, v in value.items() if k not in _CORE_MEMBERS}
+    return Decision(allow, reasons, _plain(sandbox), None, eval_ns, value, extra)
+
+
+_CORE_MEMBERS = frozenset(("allow", "reasons", "sandbox", "error"))
 
 
 def _deny(reason: str, start: int) -> Decision:

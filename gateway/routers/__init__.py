@@ -10,12 +10,11 @@ Parts:
   restart (``recover``).
 """
 
-from gateway.routers.messages import MessageOptions, MessageRouter, Sender
+from gateway.routers.messages import MessageRouter, Sender
 from gateway.routers.recovery import RecoveryReport, recover
 from gateway.routers.tasks import RouterOptions, TaskRouter
 
 __all__ = [
-    "MessageOptions",
     "MessageRouter",
     "RecoveryReport",
     "RouterOptions",

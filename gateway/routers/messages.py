@@ -5,13 +5,16 @@ For every message the hub validates the envelope and the payload of its kind, as
 the decision to the decision log, and only then routes it:
 
 - ``request``: to one running instance of the target agent (``POST /message``); its reply
-  is returned (a timeout is a 504 and nothing is queued: the sender retries);
-- ``event``: to every running instance of the agents subscribed to the topic;
+  is returned (``Replied``; a timeout is a 504 and nothing is queued: the sender retries);
+- ``event``: to every running instance of the agents subscribed to the topic
+  (``Delivered``);
 - ``broadcast``: to every running agent the policy lets the sender reach (one decision per
-  target agent);
-- ``delegate``: a child task through the normal dispatch path, linked to the sender's task.
+  target agent; ``Delivered``);
+- ``delegate``: a child task through the normal dispatch path, linked to the sender's task
+  (``Delegated``).
 
-Messages are not persisted. No HTTP here: ``gateway.http.agent_routes`` calls these methods.
+Messages are not persisted. No HTTP here: ``gateway.http.agent_routes`` calls these methods
+and picks the status code and body of each outcome.
 """
 
 from __future__ import annotations
@@ -19,9 +22,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from gateway.agents.base import Accepted
 from gateway.agents.instances import Instance, InstanceRegistry
 from gateway.agents.wire import AgentWire
 from gateway.bundle.config import MESSAGE_SCHEMA, RESULT_SCHEMA, Config
@@ -41,7 +43,8 @@ from gateway.ids import uuid4_str
 from gateway.logs import bound, get_logger
 from gateway.policy.engine import MESSAGES_QUERY, Decision
 from gateway.routers.tasks import DecisionSink, TaskRouter
-from gateway.store import TERMINAL_STATES
+from gateway.settings import MessageSettings
+from gateway.store import Task
 
 log = get_logger("messages")
 MESSAGES_PATH = "gateway/messages/decision"
@@ -49,14 +52,39 @@ KINDS_DIR = "messages/kinds/"
 MESSAGE_ENDPOINT = "/message"
 
 
-@dataclass(frozen=True)
-class MessageOptions:
-    """Timeouts and limits (from Settings)."""
+@dataclass(frozen=True, slots=True)
+class Replied:
+    """A request's outcome: the reply of the one instance of the target agent that took it."""
 
-    timeout_s: float = 10.0
-    max_timeout_s: float = 120.0
-    delivery_timeout_s: float = 5.0
-    max_delegation_depth: int = 3
+    reply: Any
+    agent: str
+    spiffe_id: str
+    message_id: str
+    decision_id: str
+    correlation_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """An event's or a broadcast's outcome: how many of its recipients took it."""
+
+    kind: Literal["event", "broadcast"]
+    delivered: int
+    recipients: int
+    # An event's one decision; a broadcast's, one per running target agent (sorted by name).
+    decision_ids: tuple[str, ...]
+    refused: tuple[str, ...] = ()  # broadcast: the agents the policy kept it from, sorted
+
+
+@dataclass(frozen=True, slots=True)
+class Delegated:
+    """A delegation's outcome: the child task, as submitted or after the wait."""
+
+    task: Task
+    decision_id: str  # of the message (the child task has its own dispatch decision)
+
+
+Routed = Replied | Delivered | Delegated
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +124,7 @@ class MessageRouter:
         decisions: DecisionSink,
         tasks: TaskRouter,
         trust_domain: str,
-        options: MessageOptions | None = None,
+        options: MessageSettings,
     ) -> None:
         self._config = config
         self.instances = instances
@@ -106,7 +134,7 @@ class MessageRouter:
         instances.on_close(self._forget)
         self.tasks = tasks
         self.trust_domain = trust_domain
-        self.options = options or MessageOptions()
+        self.options = options
         # Registry entries as policy input, built once per loaded configuration.
         self._targets_of: Config | None = None
         self._targets: dict[str, dict[str, Any]] = {}
@@ -130,8 +158,8 @@ class MessageRouter:
         *,
         wait_s: float | None = None,
         request: dict[str, Any] | None = None,
-    ) -> tuple[int, dict[str, Any]]:
-        """Route one message; return (HTTP status, body), or raise a GatewayError."""
+    ) -> Routed:
+        """Route one message; return its outcome, or raise a GatewayError."""
         config = self._config()
         config.schemas.validate(MESSAGE_SCHEMA, envelope, what="message")
         kind_schema = KINDS_DIR + envelope["kind"] + ".json"
@@ -155,9 +183,7 @@ class MessageRouter:
                 return await self._broadcast(config, sender, envelope)
             return await self._delegate(config, sender, envelope, wait_s, request or {})
 
-    async def _request(
-        self, config: Config, sender: Sender, envelope: dict[str, Any]
-    ) -> tuple[int, dict[str, Any]]:
+    async def _request(self, config: Config, sender: Sender, envelope: dict[str, Any]) -> Replied:
         target = config.registry.get(envelope["to"])
         decision_id = await self._decide(config, sender, envelope, self._target(config, target))
         inst = self.instances.pick(target.name, exclude=_instance_id(sender))
@@ -171,21 +197,17 @@ class MessageRouter:
         )
         body = _delivery(sender, envelope)
         reply = await self.wire.post(inst.handle, MESSAGE_ENDPOINT, body, timeout_s)
-        out: dict[str, Any] = {
-            "reply": reply.get("reply") if isinstance(reply, dict) else None,
-            "from": {"agent": inst.agent, "spiffe_id": inst.spiffe_id},
-            "message_id": body["message_id"],
-            "decision_id": decision_id,
-        }
-        if isinstance(reply, Accepted):
-            out["reply"] = None
-        if "correlation_id" in envelope:
-            out["correlation_id"] = envelope["correlation_id"]
-        return 200, out
+        return Replied(
+            # None also for an Accepted (202): the agent took the message without a reply.
+            reply=reply.get("reply") if isinstance(reply, dict) else None,
+            agent=inst.agent,
+            spiffe_id=inst.spiffe_id,
+            message_id=body["message_id"],
+            decision_id=decision_id,
+            correlation_id=envelope.get("correlation_id"),
+        )
 
-    async def _event(
-        self, config: Config, sender: Sender, envelope: dict[str, Any]
-    ) -> tuple[int, dict[str, Any]]:
+    async def _event(self, config: Config, sender: Sender, envelope: dict[str, Any]) -> Delivered:
         topic = envelope["topic"]
         subscribers = sorted(
             a.name for a in config.registry.agents.values() if topic in a.subscriptions
@@ -207,15 +229,11 @@ class MessageRouter:
             for i in self.instances.running(name, exclude=_instance_id(sender))
         ]
         delivered = await self._deliver_all(recipients, _delivery(sender, envelope))
-        return 202, {
-            "delivered": delivered,
-            "recipients": len(recipients),
-            "decision_id": decision_id,
-        }
+        return Delivered("event", delivered, len(recipients), (decision_id,))
 
     async def _broadcast(
         self, config: Config, sender: Sender, envelope: dict[str, Any]
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> Delivered:
         by_agent: dict[str, list[Instance]] = {}
         for inst in self.instances.running(exclude=_instance_id(sender)):
             by_agent.setdefault(inst.agent, []).append(inst)
@@ -241,12 +259,9 @@ class MessageRouter:
                 decision_id=decision_ids[0],
             )
         delivered = await self._deliver_all(allowed, _delivery(sender, envelope))
-        return 202, {
-            "delivered": delivered,
-            "recipients": len(allowed),
-            "refused": sorted(refused),
-            "decision_ids": decision_ids,
-        }
+        return Delivered(
+            "broadcast", delivered, len(allowed), tuple(decision_ids), tuple(sorted(refused))
+        )
 
     async def _delegate(
         self,
@@ -255,7 +270,7 @@ class MessageRouter:
         envelope: dict[str, Any],
         wait_s: float | None,
         request: dict[str, Any],
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> Delegated:
         target = config.registry.get(envelope["to"])
         parent = sender.instance
         limit = self.options.max_delegation_depth
@@ -294,14 +309,11 @@ class MessageRouter:
         )
         log.info(
             "delegated",
-            extra={"child_task_id": task["id"], "to": target.name, "depth": parent.depth + 1},
+            extra={"child_task_id": task.id, "to": target.name, "depth": parent.depth + 1},
         )
         if wait_s:
-            await self.tasks.wait(task["id"], wait_s)
-            task = await self.tasks.store.get_task(task["id"])
-        view = child_view(task)
-        view["message_decision_id"] = decision_id
-        return (200 if task["state"] in TERMINAL_STATES else 202), view
+            task = await self.tasks.wait_for(task.id, wait_s)
+        return Delegated(task, decision_id)
 
     def _forget(self, inst: Instance) -> None:
         if inst.handle is not None:
@@ -313,8 +325,9 @@ class MessageRouter:
 
     # -- results reported later
 
-    async def report_result(self, sender: Sender, task_id: str, body: Any) -> dict[str, Any]:
-        """Accept the result of ``task_id`` from the container running it (and nobody else)."""
+    async def report_result(self, sender: Sender, task_id: str, body: Any) -> Task:
+        """Accept the result of ``task_id`` from the container running it (and nobody else);
+        return the task as it is once the result is recorded (or after 5 s)."""
         config = self._config()
         config.schemas.validate(RESULT_SCHEMA, body, what="result")
         running = self.instances.for_task(task_id)
@@ -329,16 +342,15 @@ class MessageRouter:
         if "output" in body and spec is not None:
             errors = config.schemas.errors(spec.output_schema, body["output"], "/output")
         self.tasks.deliver_report(task_id, body)
-        await self.tasks.wait(task_id, 5.0)
-        task = await self.tasks.store.get_task(task_id)
+        task = await self.tasks.wait_for(task_id, 5.0)
         if errors:
             # Delivered all the same: the task fails with the reason, as for a direct answer.
             raise SchemaViolation(
                 f"output does not match {spec.output_schema if spec else 'its schema'}; "
-                f"task {task_id} is {task['state']}",
+                f"task {task_id} is {task.state}",
                 details=errors,
             )
-        return {"task_id": task_id, "state": task["state"]}
+        return task
 
     # -- helpers
 
@@ -415,22 +427,6 @@ class MessageRouter:
             )
             return False
         return True
-
-
-def child_view(task: dict[str, Any]) -> dict[str, Any]:
-    """What a delegating agent sees of its child task."""
-    view = {
-        "task_id": task["id"],
-        "state": task["state"],
-        "agent": task["agent"],
-        "parent_id": task.get("parent_id"),
-        "decision_id": task.get("decision_id"),
-    }
-    if task.get("result") is not None:
-        view["result"] = task["result"]
-    if task.get("error") is not None:
-        view["error"] = task["error"]
-    return view
 
 
 def _delivery(sender: Sender, envelope: dict[str, Any]) -> dict[str, Any]:

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from gateway.containers.backend import LABEL_TASK
+from gateway.bundle.registry import Registry
+from gateway.containers.backend import LABEL_TASK, ContainerBackend
 from gateway.errors import GatewayError
+from gateway.health.alerts import Alerts
 from gateway.logs import get_logger
-
-if TYPE_CHECKING:
-    from gateway.hub import Hub
+from gateway.routers.tasks import TaskRouter
+from gateway.settings import RecoverySettings
+from gateway.store import Store
 
 log = get_logger("recovery")
 
@@ -52,57 +54,67 @@ class RecoveryReport:
         }
 
 
-async def recover(hub: Hub) -> RecoveryReport:
-    """Reconcile the store with the container engine; see the module docstring."""
+async def recover(
+    *,
+    router: TaskRouter,
+    backend: ContainerBackend,
+    store: Store,
+    registry: Registry,
+    hub_id: str,
+    alerts: Alerts,
+    settings: RecoverySettings,
+) -> RecoveryReport:
+    """Reconcile the store with the container engine; see the module docstring.
+
+    ``registry`` is the one in force; ``hub_id`` picks this hub's containers.
+    """
     started = time.perf_counter()
     report = RecoveryReport()
-    router = hub.router
-    registry = hub.config.registry
-    containers = await hub.backend.list_managed(hub.hub_id)
+    containers = await backend.list_managed(hub_id)
     by_task: dict[str, dict[str, Any]] = {}
     for c in containers:
         by_task.setdefault(c["labels"].get(LABEL_TASK, ""), c)
     now = time.time()
-    for task in await hub.store.active_tasks():
-        container = by_task.pop(task["id"], None)
-        agent = registry.agents.get(task["agent"])
-        if task["deadline"] <= now:
+    for task in await store.active_tasks():
+        container = by_task.pop(task.id, None)
+        agent = registry.agents.get(task.agent)
+        if task.deadline <= now:
             await router.end(
-                task["id"],
+                task.id,
                 "timed_out",
                 {"code": "agent_timeout", "message": "deadline passed while the hub was down"},
             )
-            report.timed_out.append(task["id"])
+            report.timed_out.append(task.id)
             if container is not None:
-                await _remove(hub, container)
+                await _remove(backend, container)
             continue
         if agent is None:
             await router.end(
-                task["id"],
+                task.id,
                 "failed",
-                {"code": "unknown_agent", "message": f"agent {task['agent']!r} left the registry"},
+                {"code": "unknown_agent", "message": f"agent {task.agent!r} left the registry"},
             )
-            report.failed.append(task["id"])
+            report.failed.append(task.id)
             if container is not None:
-                await _remove(hub, container)
+                await _remove(backend, container)
             continue
         if container is not None and container.get("state") == "running":
             router.reattach(task, agent, container["id"])
-            report.reattached.append(task["id"])
+            report.reattached.append(task.id)
             continue
         if container is not None:
-            await _remove(hub, container)
-        attempts = int(task.get("attempts") or 0)
-        if attempts >= hub.settings.max_attempts:
+            await _remove(backend, container)
+        attempts = int(task.attempts or 0)
+        if attempts >= settings.max_attempts:
             await router.end(
-                task["id"],
+                task.id,
                 "failed",
                 {
                     "code": "retry_budget_exhausted",
                     "message": f"not finished after {attempts + 1} attempts",
                 },
             )
-            report.failed.append(task["id"])
+            report.failed.append(task.id)
             continue
         reason = (
             "re-dispatched after a hub restart: "
@@ -110,23 +122,23 @@ async def recover(hub: Hub) -> RecoveryReport:
             + f" (attempt {attempts + 2})"
         )
         await router.redispatch(task, agent, reason)
-        report.redispatched.append(task["id"])
+        report.redispatched.append(task.id)
     for orphan in by_task.values():
         report.orphans.append(orphan["name"])
-        hub.alerts.raise_alert(
+        alerts.raise_alert(
             "orphan_container",
             f"removed container {orphan['name']} that no task owns",
             container=orphan["name"],
         )
-        await _remove(hub, orphan)
+        await _remove(backend, orphan)
     report.seconds = time.perf_counter() - started
     log.info("recovery done", extra=report.to_json())
     return report
 
 
-async def _remove(hub: Hub, container: dict[str, Any]) -> None:
+async def _remove(backend: ContainerBackend, container: dict[str, Any]) -> None:
     try:
-        await hub.backend.remove(container["id"])
+        await backend.remove(container["id"])
     except GatewayError as e:
         log.warning(
             "could not remove container", extra={"container": container["name"], "error": e.message}

@@ -1,9 +1,9 @@
 """The task router: validate, decide, start a container, hand over the task, record the end.
 
-No HTTP here: the web layer calls ``submit``, ``get``, ``list``, ``cancel`` and ``wait``,
-and tests drive the same methods directly. Each task's life after acceptance runs in one
-asyncio task owned by this router; the store's guarded transitions make sure a task reaches
-exactly one terminal state even when timeout, cancel and completion race.
+No HTTP here: the web layer calls ``submit``, ``get``, ``list``, ``cancel`` and
+``wait_for``, and tests drive the same methods directly. Each task's life after acceptance
+runs in one asyncio task owned by this router; the store's guarded transitions make sure a
+task reaches exactly one terminal state even when timeout, cancel and completion race.
 """
 
 from __future__ import annotations
@@ -32,12 +32,11 @@ from gateway.errors import (
     InvalidState,
     PolicyDenied,
     SchemaViolation,
-    UnknownTask,
 )
 from gateway.identity.apikeys import Subject
 from gateway.logs import bound, get_logger
 from gateway.policy.engine import DISPATCH_QUERY, Decision
-from gateway.store import ACTIVE_STATES, TERMINAL_STATES, Store
+from gateway.store import ACTIVE_STATES, Store, Task
 
 log = get_logger("tasks")
 DISPATCH_PATH = "gateway/dispatch/decision"
@@ -129,7 +128,7 @@ class TaskRouter:
         request: dict[str, Any],
         idempotency_key: str | None = None,
         parent: Instance | None = None,
-    ) -> tuple[dict[str, Any], bool]:
+    ) -> tuple[Task, bool]:
         """Accept a task or raise; returns (task, created). Nothing starts unless allowed.
 
         ``parent`` is the instance delegating this task (its child runs in its lineage).
@@ -138,7 +137,7 @@ class TaskRouter:
         config.schemas.validate(TASK_SCHEMA, envelope, what="task")
         req_hash = request_hash(envelope)
         if idempotency_key is not None:
-            existing = await self._replay(subject, idempotency_key, req_hash)
+            existing = await self.store.task_for_key(subject.id, idempotency_key, req_hash)
             if existing is not None:
                 return existing, False
         reason = self._can_dispatch()
@@ -186,25 +185,6 @@ class TaskRouter:
             return task, created
         assert first_error is not None
         raise first_error
-
-    async def _replay(self, subject: Subject, key: str, req_hash: str) -> dict[str, Any] | None:
-        def q(db: Any) -> Any:
-            return db.execute(
-                "SELECT task_id, request_hash FROM idempotency WHERE subject = ? AND key = ?",
-                [subject.id, key],
-            ).fetchone()
-
-        row = await self.store.read(q)
-        if row is None:
-            return None
-        if row["request_hash"] != req_hash:
-            from gateway.errors import IdempotencyConflict
-
-            raise IdempotencyConflict(
-                "Idempotency-Key was already used with a different request",
-                details={"task_id": row["task_id"]},
-            )
-        return await self.store.get_task(row["task_id"])
 
     async def _decide(
         self,
@@ -288,7 +268,7 @@ class TaskRouter:
 
     def _start_runner(
         self,
-        task: dict[str, Any],
+        task: Task,
         agent: AgentSpec,
         sandbox: dict[str, Any],
         attach_to: str | None = None,
@@ -296,13 +276,13 @@ class TaskRouter:
         subject: Subject | None = None,
         lineage: tuple[LineageEntry, ...] | None = None,
     ) -> None:
-        self._done[task["id"]] = asyncio.Event()
+        self._done[task.id] = asyncio.Event()
         runner = asyncio.create_task(
             self._run(task, agent, sandbox, attach_to, subject=subject, lineage=lineage),
-            name=f"task-{task['id']}",
+            name=f"task-{task.id}",
         )
-        self._runners[task["id"]] = runner
-        runner.add_done_callback(lambda _: self._forget(task["id"]))
+        self._runners[task.id] = runner
+        runner.add_done_callback(lambda _: self._forget(task.id))
 
     def _forget(self, task_id: str) -> None:
         self._runners.pop(task_id, None)
@@ -310,7 +290,7 @@ class TaskRouter:
 
     async def _run(
         self,
-        task: dict[str, Any],
+        task: Task,
         agent: AgentSpec,
         sandbox: dict[str, Any],
         attach_to: str | None = None,
@@ -323,21 +303,21 @@ class TaskRouter:
         Without ``subject`` and ``lineage`` (a task resumed after a restart) both are
         restored: the submitter's current roles from the keys file, the lineage from the store.
         """
-        task_id = task["id"]
+        task_id = task.id
         handle: ContainerHandle | None = None
         instance: Instance | None = None
         start = time.monotonic()
-        timeout_s = float(task["timeout_s"])
-        with bound(task_id=task_id, decision_id=task["decision_id"], agent=agent.name):
+        timeout_s = float(task.timeout_s)
+        with bound(task_id=task_id, decision_id=task.decision_id, agent=agent.name):
             try:
                 if subject is None:
-                    subject = self._subjects(task.get("key_id"), task.get("subject") or "")
+                    subject = self._subjects(task.key_id, task.subject or "")
                 if lineage is None:
                     # Restored so the depth limit and lineage rules hold across a restart.
                     lineage = tuple(
                         LineageEntry(tid, name) for tid, name in await self.store.ancestors(task_id)
                     )
-                async with asyncio.timeout(max(0.0, task["deadline"] - time.time())):
+                async with asyncio.timeout(max(0.0, task.deadline - time.time())):
                     async with self._slots:
                         # The identity exists before the container, so the container starts
                         # with its token (a re-attached one keeps its own); closing the
@@ -347,7 +327,7 @@ class TaskRouter:
                             task_id=task_id,
                             subject=subject,
                             lineage=lineage,
-                            instance_id=task.get("instance_id") if attach_to else None,
+                            instance_id=task.instance_id if attach_to else None,
                         )
                         if attach_to is not None:
                             handle = await self.backend.attach(attach_to, agent.port)
@@ -367,7 +347,7 @@ class TaskRouter:
                             )
                         await self.agents.wait_ready(handle, self.options.ready_timeout_s)
                         self.instances.ready(instance, handle)
-                        if task["state"] != "running" or attach_to is None:
+                        if task.state != "running" or attach_to is None:
                             await self._move(task_id, "running", ("dispatched",))
                         if self.dispatch_observer:
                             self.dispatch_observer(agent.name, time.monotonic() - start)
@@ -408,23 +388,21 @@ class TaskRouter:
                     await self._remove_soon(handle)
                 self._signal(task_id)
 
-    async def _hand_over(
-        self, task: dict[str, Any], agent: AgentSpec, handle: ContainerHandle
-    ) -> Any:
+    async def _hand_over(self, task: Task, agent: AgentSpec, handle: ContainerHandle) -> Any:
         """POST the task to the agent; its answer, or the result it reports through the hub.
 
         An agent may answer 202 and report later (``POST /v1/tasks/{id}/result``), or report
         while its answer is still on the way: whichever comes first is the result. The
         task's deadline (the caller's timeout) bounds both.
         """
-        task_id = task["id"]
+        task_id = task.id
         report = self._reports[task_id] = asyncio.get_running_loop().create_future()
         post = asyncio.ensure_future(
             self.agents.post(
                 handle,
                 agent.endpoint,
-                {"task_id": task_id, "input": task["input"], "deadline": task["deadline"]},
-                max(0.001, task["deadline"] - time.time()),
+                {"task_id": task_id, "input": task.input, "deadline": task.deadline},
+                max(0.001, task.deadline - time.time()),
             )
         )
         try:
@@ -484,7 +462,7 @@ class TaskRouter:
             task = await asyncio.shield(self.store.get_task(task_id))
         except Exception:
             return False
-        return task["state"] in TERMINAL_STATES
+        return task.terminal
 
     async def _remove_soon(self, handle: ContainerHandle) -> None:
         """Remove the container in a task of its own that a cancellation cannot interrupt."""
@@ -528,28 +506,29 @@ class TaskRouter:
 
     # -- recovery after a restart
 
-    def reattach(self, task: dict[str, Any], agent: AgentSpec, container_id: str) -> None:
+    def reattach(self, task: Task, agent: AgentSpec, container_id: str) -> None:
         """Resume a task whose container still runs: hand the task over again (agents
         answer a repeated task id with the one result) and record the outcome."""
-        log.info("re-attaching", extra={"task_id": task["id"], "container": container_id})
-        self._start_runner(task, agent, task.get("sandbox") or {}, attach_to=container_id)
+        log.info("re-attaching", extra={"task_id": task.id, "container": container_id})
+        self._start_runner(task, agent, task.sandbox or {}, attach_to=container_id)
 
-    async def redispatch(self, task: dict[str, Any], agent: AgentSpec, reason: str) -> None:
+    async def redispatch(self, task: Task, agent: AgentSpec, reason: str) -> None:
         """Start a task again from pending (its container never ran it, or is gone)."""
-        if task["state"] != "pending":
+        attempts = int(task.attempts or 0) + 1
+        if task.state != "pending":
             task = await self.store.transition(
-                task["id"],
+                task.id,
                 "pending",
                 allowed_from=("dispatched", "running"),
                 detail=reason,
-                attempts=int(task.get("attempts") or 0) + 1,
+                attempts=attempts,
                 container_id=None,
                 container_name=None,
             )
         else:
-            await self.store.update_task(task["id"], attempts=int(task.get("attempts") or 0) + 1)
-        log.info("re-dispatching", extra={"task_id": task["id"], "reason": reason})
-        self._start_runner(task, agent, task.get("sandbox") or {})
+            await self.store.update_task(task.id, attempts=attempts)
+        log.info("re-dispatching", extra={"task_id": task.id, "reason": reason})
+        self._start_runner(task, agent, task.sandbox or {})
 
     async def end(self, task_id: str, state: str, error: dict[str, Any]) -> None:
         """Put a task that cannot go on in a terminal state (used by recovery)."""
@@ -557,35 +536,38 @@ class TaskRouter:
 
     # -- queries and control
 
-    async def get(self, task_id: str, subject: Subject) -> dict[str, Any]:
-        """A task the subject may see (its own, or any for operators and auditors)."""
-        task = await self.store.get_task(task_id)
-        if task["subject"] != subject.id and not _sees_all(subject):
-            raise UnknownTask(f"no task {task_id!r}")
-        return task
+    async def get(self, task_id: str) -> Task:
+        """One task with its history; UnknownTask when absent. Who may see it is the API
+        policy's to decide (``gateway.routers.access``), before this is called."""
+        return await self.store.get_task(task_id)
 
     async def list(
-        self, subject: Subject, **filters: Any
-    ) -> tuple[list[dict[str, Any]], int | None]:
-        if not _sees_all(subject):
-            filters["subject"] = subject.id
-        return await self.store.list_tasks(**filters)
+        self, *, subject: str | None = None, **filters: Any
+    ) -> tuple[list[Task], int | None]:
+        """A page of tasks newest first, of ``subject`` only when given; (tasks, next cursor)."""
+        return await self.store.list_tasks(subject=subject, **filters)
 
-    async def wait(self, task_id: str, timeout_s: float) -> None:
-        """Return when the task is terminal or ``timeout_s`` has passed."""
+    async def wait_for(self, task_id: str, timeout_s: float) -> Task:
+        """The task (with its history) once it is terminal or ``timeout_s`` has passed.
+
+        At once for ``timeout_s`` 0 or a task this router does not run (e.g. ended).
+        """
         event = self._done.get(task_id)
-        if event is None or timeout_s <= 0:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout_s)
+        if event is not None and timeout_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout_s)
+        return await self.store.get_task(task_id)
 
-    async def cancel(self, task_id: str, subject: Subject) -> dict[str, Any]:
-        """Cancel an active task and stop its container; InvalidState if it already ended."""
-        task = await self.get(task_id, subject)
-        if task["state"] in TERMINAL_STATES:
-            raise InvalidState(f"task {task_id} already ended ({task['state']})")
-        task = await self.store.transition(
-            task_id, "cancelled", allowed_from=ACTIVE_STATES, detail=f"cancelled by {subject.id}"
+    async def cancel(self, task_id: str, by: str) -> Task:
+        """Cancel an active task and stop its container; InvalidState if it already ended.
+
+        ``by`` (who asked) goes into the task's history; the API policy decided that they may.
+        """
+        task = await self.get(task_id)
+        if task.terminal:
+            raise InvalidState(f"task {task_id} already ended ({task.state})")
+        await self.store.transition(
+            task_id, "cancelled", allowed_from=ACTIVE_STATES, detail=f"cancelled by {by}"
         )
         runner = self._runners.get(task_id)
         if runner is not None:
@@ -611,10 +593,6 @@ class TaskRouter:
     @property
     def running(self) -> int:
         return len(self._runners)
-
-
-def _sees_all(subject: Subject) -> bool:
-    return any(subject.has(r) for r in ("operator", "auditor"))
 
 
 def _secret_pointers(config: Config, agent: AgentSpec) -> list[str]:

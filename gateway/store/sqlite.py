@@ -15,7 +15,7 @@ import json
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,13 +26,12 @@ from gateway.clock import utcnow
 from gateway.errors import IdempotencyConflict, InvalidState, StoreUnavailable, UnknownTask
 from gateway.logs import get_logger
 from gateway.store.migrations import migrate
+from gateway.store.records import ACTIVE_STATES, TASK_COLUMNS, Task, TaskEvent
 
 T = TypeVar("T")
 log = get_logger("store")
 
 MAX_BATCH = 128
-TERMINAL_STATES = ("succeeded", "failed", "timed_out", "cancelled")
-ACTIVE_STATES = ("pending", "dispatched", "running")
 TASK_JSON_FIELDS = ("input", "result", "error", "labels", "sandbox")
 
 
@@ -203,27 +202,18 @@ class Store:
 
     async def create_task(
         self, row: dict[str, Any], idempotency: tuple[str, str, str] | None = None
-    ) -> tuple[dict[str, Any], bool]:
+    ) -> tuple[Task, bool]:
         """Insert a pending task (and its idempotency key) atomically.
 
         Returns (task, created). With an idempotency key already used for the same request,
         returns the original task and False; for a different request, IdempotencyConflict.
         """
 
-        def tx(db: sqlite_utils.Database) -> tuple[dict[str, Any], bool]:
+        def tx(db: sqlite_utils.Database) -> tuple[Task, bool]:
             if idempotency is not None:
-                subject, key, request_hash = idempotency
-                existing = db.execute(
-                    "SELECT task_id, request_hash FROM idempotency WHERE subject = ? AND key = ?",
-                    [subject, key],
-                ).fetchone()
+                existing = _task_of_key(db, *idempotency)
                 if existing is not None:
-                    if existing["request_hash"] != request_hash:
-                        raise IdempotencyConflict(
-                            "Idempotency-Key was already used with a different request",
-                            details={"task_id": existing["task_id"]},
-                        )
-                    return _task_from_row(_select_task(db, existing["task_id"])), False
+                    return _task_from_row(_select_task(db, existing)), False
             now = utcnow()
             record = {**row, "state": "pending", "created_at": now, "updated_at": now}
             for name in TASK_JSON_FIELDS:
@@ -245,6 +235,23 @@ class Store:
 
         return await self.write(tx)
 
+    async def task_for_key(self, subject: str, key: str, request_hash: str) -> Task | None:
+        """The task (with its history) an Idempotency-Key of ``subject`` already created.
+
+        None for a key not used yet; IdempotencyConflict when it was used for another request.
+        """
+
+        def q(db: sqlite_utils.Database) -> Task | None:
+            task_id = _task_of_key(db, subject, key, request_hash)
+            if task_id is None:
+                return None
+            task = _task_with_history(db, task_id)
+            if task is None:
+                raise UnknownTask(f"no task {task_id!r}")
+            return task
+
+        return await self.read(q)
+
     async def transition(
         self,
         task_id: str,
@@ -253,14 +260,14 @@ class Store:
         allowed_from: tuple[str, ...],
         detail: str | None = None,
         **fields: Any,
-    ) -> dict[str, Any]:
+    ) -> Task:
         """Move a task to ``state`` if it is in one of ``allowed_from``; else InvalidState.
 
         The guard runs inside the write transaction, so a task reaches a terminal state
         exactly once even when a timeout, a cancel and a result race.
         """
 
-        def tx(db: sqlite_utils.Database) -> dict[str, Any]:
+        def tx(db: sqlite_utils.Database) -> Task:
             current = _select_task(db, task_id)
             if current is None:
                 raise UnknownTask(f"no task {task_id!r}")
@@ -293,28 +300,9 @@ class Store:
 
         await self.write(tx)
 
-    async def get_task(self, task_id: str) -> dict[str, Any]:
+    async def get_task(self, task_id: str) -> Task:
         """One task with its state history; UnknownTask when absent."""
-
-        def q(db: sqlite_utils.Database) -> dict[str, Any] | None:
-            row = _select_task(db, task_id)
-            if row is None:
-                return None
-            task = _task_from_row(row)
-            task["history"] = [
-                {
-                    "state": e["state"],
-                    "at": e["at"],
-                    **({"detail": e["detail"]} if e["detail"] else {}),
-                }
-                for e in db.execute(
-                    "SELECT state, at, detail FROM task_events WHERE task_id = ? ORDER BY id",
-                    [task_id],
-                ).fetchall()
-            ]
-            return task
-
-        task = await self.read(q)
+        task = await self.read(lambda db: _task_with_history(db, task_id))
         if task is None:
             raise UnknownTask(f"no task {task_id!r}")
         return task
@@ -349,7 +337,7 @@ class Store:
         subject: str | None = None,
         limit: int = 50,
         before: int | None = None,
-    ) -> tuple[list[dict[str, Any]], int | None]:
+    ) -> tuple[list[Task], int | None]:
         """Newest first; returns (tasks, cursor for the next page or None)."""
         rows, cursor = await self.page(
             "tasks",
@@ -389,10 +377,10 @@ class Store:
         rows = rows[:limit]
         return rows, (rows[-1]["_cursor"] if more and rows else None)
 
-    async def active_tasks(self) -> list[dict[str, Any]]:
+    async def active_tasks(self) -> list[Task]:
         """Every task not yet in a terminal state (for recovery and shutdown)."""
 
-        def q(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+        def q(db: sqlite_utils.Database) -> list[Task]:
             marks = ",".join("?" * len(ACTIVE_STATES))
             return [
                 _task_from_row(r)
@@ -409,6 +397,32 @@ class Store:
                 r[0]: r[1]
                 for r in db.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall()
             }
+
+        return await self.read(q)
+
+    # -- monitoring
+
+    async def dispatch_watch(self, since: str) -> tuple[int, str | None]:
+        """(tasks pending since ``since`` or longer, when the last dispatch happened)."""
+
+        def q(db: sqlite_utils.Database) -> tuple[int, str | None]:
+            waiting = db.execute(
+                "SELECT count(*) FROM tasks WHERE state = 'pending' AND created_at <= ?", [since]
+            ).fetchone()[0]
+            last = db.execute(
+                "SELECT max(at) FROM task_events WHERE state = 'dispatched'"
+            ).fetchone()[0]
+            return int(waiting), last
+
+        return await self.read(q)
+
+    async def active_task_ids(self) -> set[str]:
+        """The ids of every task not yet in a terminal state (for the orphan scan)."""
+
+        def q(db: sqlite_utils.Database) -> set[str]:
+            marks = ",".join("?" * len(ACTIVE_STATES))
+            rows = db.execute(f"SELECT id FROM tasks WHERE state IN ({marks})", ACTIVE_STATES)
+            return {r[0] for r in rows.fetchall()}
 
         return await self.read(q)
 
@@ -466,15 +480,174 @@ class Store:
 
         await self.write(tx)
 
+    # -- decisions
+
+    async def append_decision(
+        self, seal: Callable[[int, str], dict[str, Any]], *, genesis: str
+    ) -> dict[str, Any]:
+        """Insert the row ``seal(seq, prev_hash)`` makes for the next seq; return that row.
+
+        ``seal`` runs inside the write transaction that reads the chain head, so concurrent
+        appends cannot fork the chain. The first row is chained to ``genesis``.
+        """
+
+        def tx(db: sqlite_utils.Database) -> dict[str, Any]:
+            last = db.execute(
+                "SELECT seq, hash FROM decisions ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
+            row = seal(last["seq"] + 1, last["hash"]) if last else seal(1, genesis)
+            # A plain INSERT: sqlite-utils' insert() introspects the table on every call,
+            # which cost more than the rest of the write (bench/bench_messages.py).
+            db.conn.execute(
+                f"INSERT INTO decisions ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                list(row.values()),
+            )
+            return row
+
+        return await self.write(tx)
+
+    async def get_decision(self, decision_id: str) -> sqlite3.Row | None:
+        """The stored row of one decision, or None."""
+        return await self.read(
+            lambda db: db.execute(
+                "SELECT * FROM decisions WHERE decision_id = ?", [decision_id]
+            ).fetchone()
+        )
+
+    async def list_decisions(
+        self,
+        *,
+        allow: bool | None = None,
+        agent: str | None = None,
+        subject: str | None = None,
+        kind: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int = 50,
+        before: int | None = None,
+    ) -> tuple[list[sqlite3.Row], int | None]:
+        """Stored decision rows newest first, filtered; (rows, cursor of the next page or None)."""
+        return await self.page(
+            "decisions",
+            _decision_conditions(allow, agent, subject, kind, since, until),
+            order="seq",
+            limit=limit,
+            before=before,
+        )
+
+    async def iter_decisions_raw(self, consume: Callable[[Iterator[dict[str, Any]]], T]) -> T:
+        """``consume(rows)`` on a reader thread, rows as dicts in physical (rowid) order.
+
+        The physical order, not seq: a verifier must see rows where they are stored.
+        """
+
+        def q(db: sqlite_utils.Database) -> T:
+            cursor = db.execute("SELECT * FROM decisions ORDER BY rowid")
+            return consume(dict(row) for row in cursor)
+
+        return await self.read(q)
+
+
+def _decision_conditions(
+    allow: bool | None,
+    agent: str | None,
+    subject: str | None,
+    kind: str | None,
+    since: str | None,
+    until: str | None,
+) -> list[tuple[str, Any]]:
+    return [
+        ("allow = ?", None if allow is None else int(allow)),
+        ("agent = ?", agent),
+        ("subject = ?", subject),
+        ("kind = ?", kind),
+        ("timestamp >= ?", since),
+        ("timestamp <= ?", until),
+    ]
+
+
+def read_decisions_file(
+    path: Path,
+    *,
+    allow: bool | None = None,
+    agent: str | None = None,
+    subject: str | None = None,
+    kind: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    limit: int | None = None,
+) -> tuple[list[sqlite3.Row], list[tuple[str, str]]]:
+    """(the newest ``limit`` matching decision rows, oldest first; every stored registry
+    revision as (revision, agents JSON), oldest first) from a database opened read-only.
+
+    No ``Store``: a review tool reads a hub's file as it is, without migrating or writing it.
+    """
+    conditions = _decision_conditions(allow, agent, subject, kind, since, until)
+    where = [sql for sql, value in conditions if value is not None]
+    params: list[Any] = [value for _, value in conditions if value is not None]
+    sql = "SELECT * FROM decisions"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY seq DESC"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    try:
+        db = _connect(path, readonly=True)
+        try:
+            rows = db.execute(sql, params).fetchall()
+            registries = [
+                (r["revision"], r["agents"])
+                for r in db.execute(
+                    "SELECT revision, agents FROM registry_revisions ORDER BY loaded_at"
+                ).fetchall()
+            ]
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        raise StoreUnavailable(str(e)) from e
+    rows.reverse()
+    return rows, registries
+
 
 def _select_task(db: sqlite_utils.Database, task_id: str) -> Any:
     return db.execute("SELECT * FROM tasks WHERE id = ?", [task_id]).fetchone()
 
 
-def _task_from_row(row: Any) -> dict[str, Any]:
-    keys = row.keys()  # sqlite3.Row is not a mapping: iterating it yields values
-    task = {k: row[k] for k in keys if not k.startswith("_")}
+def _task_from_row(row: Any, history: tuple[TaskEvent, ...] | None = None) -> Task:
+    values = {name: row[name] for name in TASK_COLUMNS}
     for name in TASK_JSON_FIELDS:
-        if task.get(name) is not None:
-            task[name] = json.loads(task[name])
-    return task
+        if values[name] is not None:
+            values[name] = json.loads(values[name])
+    return Task(**values, history=history)
+
+
+def _task_with_history(db: sqlite_utils.Database, task_id: str) -> Task | None:
+    row = _select_task(db, task_id)
+    if row is None:
+        return None
+    events = db.execute(
+        "SELECT state, at, detail FROM task_events WHERE task_id = ? ORDER BY id", [task_id]
+    ).fetchall()
+    return _task_from_row(row, tuple(TaskEvent(e["state"], e["at"], e["detail"]) for e in events))
+
+
+def _task_of_key(
+    db: sqlite_utils.Database, subject: str, key: str, request_hash: str
+) -> str | None:
+    """The id of the task ``subject``'s Idempotency-Key created, or None for a new key.
+
+    IdempotencyConflict when the key was used for a request with another hash.
+    """
+    existing = db.execute(
+        "SELECT task_id, request_hash FROM idempotency WHERE subject = ? AND key = ?",
+        [subject, key],
+    ).fetchone()
+    if existing is None:
+        return None
+    if existing["request_hash"] != request_hash:
+        raise IdempotencyConflict(
+            "Idempotency-Key was already used with a different request",
+            details={"task_id": existing["task_id"]},
+        )
+    return str(existing["task_id"])

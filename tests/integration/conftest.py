@@ -19,6 +19,7 @@ import docker
 import docker.errors
 import pytest
 
+from gateway.containers import firewall
 from gateway.containers.backend import LABEL_HUB, LABEL_MANAGED
 from gateway.containers.images import build_examples, example_agents
 from gateway.settings import DEFAULT_BASE_IMAGE
@@ -66,7 +67,8 @@ def agent_images(docker_api: docker.APIClient) -> Iterator[dict[str, str]]:
 
 
 def cleanup_hub(api: docker.APIClient, hub_id: str, networks: list[str]) -> list[str]:
-    """Remove every container labelled with ``hub_id`` and the networks; return leftovers."""
+    """Remove every container labelled with ``hub_id``, the networks and their firewall
+    rules; return the containers that were left."""
     leftovers = []
     for c in api.containers(all=True, filters={"label": [f"{LABEL_HUB}={hub_id}"]}):
         leftovers.append(c["Names"][0])
@@ -78,6 +80,8 @@ def cleanup_hub(api: docker.APIClient, hub_id: str, networks: list[str]) -> list
     for name in networks:
         for net in api.networks(names=[name]):
             if net["Name"] == name:
+                # The hub's host firewall rules for this bridge go with the network.
+                firewall.remove([firewall.bridge_interface(net)], ipt=firewall.Iptables())
                 with contextlib.suppress(docker.errors.APIError):
                     api.remove_network(net["Id"])
     return leftovers

@@ -114,7 +114,7 @@ async def test_guardrails_visible_in_docker_inspect(
     assert host["CapDrop"] == ["ALL"]
     assert "no-new-privileges:true" in host["SecurityOpt"]
     assert host["ReadonlyRootfs"] is True
-    assert "/tmp" in host["Tmpfs"]
+    assert {"noexec", "nosuid", "nodev"} <= set(host["Tmpfs"]["/tmp"].split(","))
     assert host["Memory"] == 64 * 1024 * 1024
     assert host["MemorySwap"] == 64 * 1024 * 1024
     assert host["PidsLimit"] == 32
@@ -154,7 +154,13 @@ async def test_sandbox_as_seen_from_inside(docker_hub: Any, keys: dict[str, str]
     assert body["state"] == "succeeded", body
     assert body["result"]["value"] == 1024
     inside = body["result"]["sandbox"]
-    assert inside["uid"] == 65534
+    assert (inside["uid"], inside["gid"]) == (65534, 65534)
+    # The write goes to a directory the uid owns, so only the read-only root can refuse it.
+    assert inside["root_write"] == {
+        "path": "/app/scratch/probe-write",
+        "dir_owner": 65534,
+        "error": "EROFS",
+    }
     assert inside["root_read_only"] is True
     assert inside["memory_limit_bytes"] == 64 * 1024 * 1024
     assert inside["pids_limit"] == 32

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import itertools
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from gateway.decisionlog import (
     GENESIS_HASH,
     REDACTED,
     ChainBuilder,
+    DecisionLog,
     DecisionRecord,
     Masker,
     canonical_bytes,
@@ -21,9 +24,12 @@ from gateway.decisionlog import (
     pointers_marked_secret,
     record_from_row,
     record_to_json,
+    seal_record,
     verify_chain,
 )
 from gateway.errors import ConfigError
+from gateway.policy.engine import Decision
+from gateway.store import Store
 
 
 def build(n: int) -> list[DecisionRecord]:
@@ -75,6 +81,66 @@ def test_builder_continues_from_a_stored_head() -> None:
     )
     assert more.seq == 4 and more.prev_hash == first[-1].hash
     assert verify_chain([*first, more]).ok
+
+
+GOLDEN_FIELDS: dict[str, Any] = {
+    "decision_id": "d-42",
+    "timestamp": "2025-01-01T00:00:00.000000Z",
+    "path": "gateway/dispatch/decision",
+    "input": {"task": {"input": {"text": "é", "n": 1.5}}, "subject": {"id": "alice"}},
+    "result": {"allow": True, "reasons": ["allowed"]},
+    "revision": "policies=a schemas=b agents=c",
+    "labels": {"hub_id": "h1", "version": "0.1.0"},
+    "metrics": {"timer_rego_query_eval_ns": 1234},
+    "erased": ["/request/remote_addr"],
+    "masked": ["/subject/key_id"],
+    "kind": "dispatch",
+    "allow": True,
+    "subject": "alice",
+    "agent": "echo",
+    "task_id": "t1",
+}
+# Computed by the implementation that wrote the logs already stored: a change of the record
+# or hash format would make every existing log fail to verify.
+GOLDEN_HASH = "2ee4da89091d1931f8070255307599516ecc1eb9c5c568245980b9a11f0d7b2f"
+
+
+def test_the_hash_format_is_the_one_existing_logs_were_written_with() -> None:
+    sealed = seal_record(GOLDEN_FIELDS, 42, "ab" * 32)
+    assert (sealed["seq"], sealed["prev_hash"], sealed["hash"]) == (42, "ab" * 32, GOLDEN_HASH)
+    # The builder the tests use seals through the same function the hub does.
+    built = ChainBuilder("ab" * 32, 41).append(**GOLDEN_FIELDS)
+    assert record_to_json(built) == sealed
+
+
+async def test_concurrent_decisions_extend_one_chain(tmp_path: Path) -> None:
+    store = Store(tmp_path / "gateway.db")
+    log = DecisionLog(store, hub_id="h1")
+    try:
+        ids = await asyncio.gather(
+            *(
+                log.record(
+                    kind="dispatch",
+                    path="gateway/dispatch/decision",
+                    input={"task": {"input": {"n": i}}},
+                    decision=Decision(i % 2 == 0, ("allowed" if i % 2 == 0 else "no",)),
+                    revision="r",
+                    subject="alice",
+                    agent="echo",
+                    task_id=f"t{i}",
+                )
+                for i in range(40)
+            )
+        )
+        report = await log.verify()
+        assert (report.ok, report.checked) == (True, 40), report.problems
+        records, _ = await log.list(limit=100)
+        assert [r["seq"] for r in records] == list(range(40, 0, -1))
+        assert {r["decision_id"] for r in records} == set(ids)
+        assert report.head == records[0]["hash"]
+        assert await log.get(ids[7]) == next(r for r in records if r["decision_id"] == ids[7])
+    finally:
+        await store.close()
 
 
 def test_canonical_bytes_ignore_hash_and_key_order() -> None:

@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 from gateway.cli import main
-from gateway.decisionlog import REDACTED, ChainBuilder, verify_chain
-from gateway.http.app import create_app
-from tests.conftest import FakeBackend, auth, make_settings
+from gateway.decisionlog import REDACTED, ChainBuilder, chain_hash, row_to_json, verify_chain
+from gateway.http.app import HUB, create_app
+from gateway.http.views import task_view
+from tests.conftest import FakeBackend, auth, make_settings, submit_through_router
 
 MASK = ("erase:/request/remote_addr", "mask:/subject/key_id")
 # (key, body, allowed): seq 1..6 in this order.
@@ -34,17 +35,21 @@ SUBMISSIONS = [
 
 @pytest.fixture
 async def logged(tmp_path: Path, keys: dict[str, str], aiohttp_client: Any) -> Any:
-    """A hub that made the six decisions above: (client, state dir, decision ids by seq)."""
+    """A hub that made the six decisions above: (client, state dir, decision ids by seq).
+
+    Submitted through the task router (the path ``POST /v1/tasks`` takes after its API
+    decision), so that seq 1..6 are exactly these six dispatch decisions.
+    """
     settings = make_settings(tmp_path, mask=MASK, reload_poll_s=0)
     client = await aiohttp_client(create_app(settings, backend=FakeBackend()))
+    hub = client.app[HUB]
     ids: dict[int, str] = {}
     results: dict[int, Any] = {}
     for seq, (who, body, allowed) in enumerate(SUBMISSIONS, 1):
-        resp = await client.post("/v1/tasks?wait=10", json=body, headers=auth(keys[who]))
-        answer = await resp.json()
-        assert (resp.status == 200) == allowed, answer
-        ids[seq] = answer["decision_id"] if allowed else answer["error"]["decision_id"]
-        results[seq] = answer
+        ids[seq], done = await submit_through_router(hub, keys[who], body)
+        assert (done is not None) == allowed, (seq, done)
+        if done is not None:
+            results[seq] = task_view(done)
     return client, settings.state_dir, ids, results
 
 
@@ -184,21 +189,13 @@ def _edit(conn: sqlite3.Connection, ids: dict[int, str]) -> str:
 
 
 def _edit_and_rehash(conn: sqlite3.Connection, ids: dict[int, str]) -> str:
-    from gateway.decisionlog import chain_hash
-    from gateway.decisionlog.log import _record
-
-    row = conn.execute("SELECT * FROM decisions WHERE seq = 2").fetchone()
-    record = dict(row)
+    record = row_to_json(conn.execute("SELECT * FROM decisions WHERE seq = 2").fetchone())
     record["subject"] = "someone-else"
-    fixed = chain_hash(record["prev_hash"], _record(_Row(record)))
+    fixed = chain_hash(record["prev_hash"], record)
     conn.execute(
         "UPDATE decisions SET subject = ?, hash = ? WHERE seq = 2", ["someone-else", fixed]
     )
     return ids[2]
-
-
-class _Row(dict):  # type: ignore[type-arg]
-    """A dict that looks like sqlite3.Row to ``_record``."""
 
 
 def _delete(conn: sqlite3.Connection, ids: dict[int, str]) -> str:
@@ -295,7 +292,8 @@ async def test_the_verify_endpoint_reports_tampering_to_auditors_only(
     resp = await client.get("/v1/decisions/verify", headers=auth(keys["auditor"]))
     body = await resp.json()
     assert resp.status == 200, body
-    assert (body["ok"], body["checked"], body["problems"]) == (True, 6, [])
+    # Six dispatch decisions plus this call's own API decision, logged before it runs.
+    assert (body["ok"], body["checked"], body["problems"]) == (True, 7, [])
     assert body["revisions"]["combined"]
     denied = await client.get("/v1/decisions/verify", headers=auth(keys["user"]))
     assert denied.status == 403

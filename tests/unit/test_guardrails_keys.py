@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from gateway.bundle.registry import AgentSpec
+from gateway.containers.docker import check_user
 from gateway.containers.guardrails import build_spec
-from gateway.errors import GuardrailViolation, Unauthorized
+from gateway.errors import AgentUnavailable, GuardrailViolation, Unauthorized
 from gateway.identity.apikeys import KeyStore
 
 AGENT = AgentSpec(
@@ -50,11 +51,20 @@ def test_a_granted_sandbox_becomes_a_hardened_spec() -> None:
     assert s.network == "net-int"
     assert s.cap_drop == ("ALL",)
     assert s.security_opt == ("no-new-privileges:true",)
-    assert s.read_only and "/tmp" in s.tmpfs
+    assert s.read_only
+    assert {"noexec", "nosuid", "nodev"} <= set(s.tmpfs["/tmp"].split(","))
+    assert s.user == "65534:65534"
+    assert check_user(s.user) == s.user
     assert s.ttl_s == 15
     assert int(s.labels["io.agent-gateway.expires"]) <= time.time() + 16
     assert s.labels["io.agent-gateway.task"] == "t" * 36
     assert s.env["GATEWAY_URL"] == "http://10.0.0.1:8080"
+
+
+@pytest.mark.parametrize("user", ["root", "0:0", "0", "65534:0", "0:65534", "app", "1000", ""])
+def test_containers_never_run_as_root_or_a_named_user(user: str) -> None:
+    with pytest.raises(AgentUnavailable, match="not a non-zero uid:gid"):
+        check_user(user)
 
 
 @pytest.mark.parametrize(
@@ -80,7 +90,8 @@ def test_keys_are_hashed_and_verified(tmp_path: Path) -> None:
     store = KeyStore.load(tmp_path / "keys.json")
     key = store.create("alice", ["user", "developer"])
     text = (tmp_path / "keys.json").read_text()
-    assert key not in text and key.split("_")[2] not in text
+    # The secret may itself contain "_": split off the prefix and the id only.
+    assert key not in text and key.split("_", 2)[2] not in text
     assert (tmp_path / "keys.json").stat().st_mode & 0o777 == 0o600
     subject = KeyStore.load(tmp_path / "keys.json").authenticate(key)
     assert (subject.id, subject.roles) == ("alice", ("user", "developer"))

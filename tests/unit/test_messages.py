@@ -176,7 +176,7 @@ async def test_container_starts_with_an_svid_bound_to_its_instance(ctx: Ctx) -> 
     assert header["alg"] == "ES256"
     assert claims["sub"] == f"spiffe://{TRUST_DOMAIN}/agent/echo"
     assert claims["aud"] == [AUDIENCE]
-    assert claims["gw_instance"] == stored["instance_id"]
+    assert claims["gw_instance"] == stored.instance_id
     assert 0 < claims["exp"] - claims["iat"] <= 300
     assert [k["use"] for k in bundle["keys"]] == ["jwt-svid"]
     assert bundle["keys"][0]["kid"] == header["kid"]
@@ -563,9 +563,10 @@ async def test_delegate_creates_a_linked_child_task_and_returns_its_result(ctx: 
     assert body["result"] == {"echo": {"part": 1}, "agent": "echo"}
     assert body["parent_id"] == parent.task_id
     child = await ctx.hub.store.get_task(body["task_id"])
-    assert child["parent_id"] == parent.task_id
-    assert child["subject"] == "developer"  # on behalf of the user who started the parent
-    assert child["labels"]["delegated_by"] == f"spiffe://{TRUST_DOMAIN}/agent/probe"
+    assert child.parent_id == parent.task_id
+    assert child.subject == "developer"  # on behalf of the user who started the parent
+    assert child.labels is not None
+    assert child.labels["delegated_by"] == f"spiffe://{TRUST_DOMAIN}/agent/probe"
     dispatch = await ctx.hub.decisions.get(body["decision_id"])
     assert dispatch["kind"] == "dispatch" and dispatch["input"]["task"]["labels"]["parent_task"]
     message = await ctx.hub.decisions.get(body["message_decision_id"])
@@ -780,9 +781,9 @@ async def test_coordinator_delegates_parts_and_reports_later(ctx: Ctx) -> None:
     assert result["words"] == 16 and result["sentences"] == 4
     assert result["top_words"] == [{"word": "policy", "count": 3}, {"word": "asks", "count": 1}]
     children = [await ctx.hub.store.get_task(c) for c in result["children"]]
-    assert {c["agent"] for c in children} == {"wordstats"}
-    assert {c["parent_id"] for c in children} == {task_id}
-    assert all(c["subject"] == "user" for c in children)
+    assert {c.agent for c in children} == {"wordstats"}
+    assert {c.parent_id for c in children} == {task_id}
+    assert all(c.subject == "user" for c in children)
     assert [h["state"] for h in task["history"]][-2:] == ["running", "succeeded"]
 
 
@@ -806,7 +807,7 @@ async def test_result_from_a_container_that_does_not_own_the_task_is_refused(ctx
         headers=svid_auth(ctx.token(intruder)),
     )
     assert (await unknown.json())["error"]["code"] == "not_task_owner"
-    assert (await ctx.hub.store.get_task(owner.task_id))["state"] == "running"
+    assert (await ctx.hub.store.get_task(owner.task_id)).state == "running"
 
 
 async def test_owner_reports_its_result_and_the_output_schema_applies(ctx: Ctx) -> None:
@@ -845,7 +846,7 @@ async def test_malformed_result_report_is_400(ctx: Ctx) -> None:
     )
     assert resp.status == 400
     assert (await resp.json())["error"]["code"] == "schema_violation"
-    assert (await ctx.hub.store.get_task(owner.task_id))["state"] == "running"
+    assert (await ctx.hub.store.get_task(owner.task_id)).state == "running"
 
 
 # --- trust bundles of other domains ----------------------------------------------------------
@@ -916,7 +917,7 @@ def test_agent_endpoints_are_documented_and_described() -> None:
     from gateway.http.agent_routes import routes
 
     readme = (REPO / "README.md").read_text()
-    paths = agent_paths()
+    paths = agent_paths(max_wait_s=60.0)
     for route in routes:
         path = re.sub(
             r"\{(\w+)\}",

@@ -24,7 +24,7 @@ from gateway.containers.backend import LABEL_TASK
 from gateway.containers.guardrails import build_spec
 from gateway.http.app import HUB, create_app
 from gateway.hub import Hub
-from gateway.store import MIGRATIONS, Store, migrate
+from gateway.store import MIGRATIONS, Store, Task, migrate
 from tests.conftest import REPO, FakeBackend, auth, make_settings
 
 SANDBOX = {
@@ -82,11 +82,11 @@ async def start_container(backend: FakeBackend, task_id: str, agent_name: str, h
     return (await backend.start(spec)).id
 
 
-async def wait_terminal(store: Store, task_id: str, within_s: float = 10) -> dict[str, Any]:
+async def wait_terminal(store: Store, task_id: str, within_s: float = 10) -> Task:
     deadline = time.monotonic() + within_s
     while True:
         task = await store.get_task(task_id)
-        if task["state"] in ("succeeded", "failed", "timed_out", "cancelled"):
+        if task.state in ("succeeded", "failed", "timed_out", "cancelled"):
             return task
         assert time.monotonic() < deadline, task
         await asyncio.sleep(0.02)
@@ -124,17 +124,20 @@ async def test_recovery_outcomes(tmp_path: Path, keys: dict[str, str]) -> None:
         assert "orphan_container" in hub.alerts.active
         for task_id, k in ((pending, 1), (dispatched, 2), (running, 3), (exited, 4)):
             task = await wait_terminal(hub.store, task_id)
-            assert task["state"] == "succeeded", task
-            assert task["result"]["echo"] == {"seeded": task["input"]["seeded"], "k": k}
+            assert task.state == "succeeded", task
+            assert task.result["echo"] == {"seeded": task.input["seeded"], "k": k}
         again = await hub.store.get_task(dispatched)
-        details = [h.get("detail", "") for h in again["history"]]
+        assert again.history is not None
+        details = [h.detail or "" for h in again.history]
         assert any("re-dispatched after a hub restart" in d for d in details)
-        assert again["attempts"] == 1
+        assert again.attempts == 1
         # The re-attached task ran in the container that was already there.
-        assert (await hub.store.get_task(running))["container_id"] == live
-        assert (await hub.store.get_task(expired))["state"] == "timed_out"
-        assert (await hub.store.get_task(exhausted))["error"]["code"] == "retry_budget_exhausted"
-        assert (await hub.store.get_task(gone_agent))["error"]["code"] == "unknown_agent"
+        assert (await hub.store.get_task(running)).container_id == live
+        assert (await hub.store.get_task(expired)).state == "timed_out"
+        exhausted_error = (await hub.store.get_task(exhausted)).error
+        assert exhausted_error is not None and exhausted_error["code"] == "retry_budget_exhausted"
+        gone_error = (await hub.store.get_task(gone_agent)).error
+        assert gone_error is not None and gone_error["code"] == "unknown_agent"
     finally:
         await hub.stop()
 
@@ -146,8 +149,8 @@ async def test_each_task_ends_exactly_once(tmp_path: Path) -> None:
     await store.transition(task_id, "succeeded", allowed_from=("running",), result={"x": 1})
     with pytest.raises(Exception, match="cannot become timed_out"):
         await store.transition(task_id, "timed_out", allowed_from=("pending", "running"))
-    events = (await store.get_task(task_id))["history"]
-    assert [e["state"] for e in events].count("succeeded") == 1
+    events = (await store.get_task(task_id)).history or ()
+    assert [e.state for e in events].count("succeeded") == 1
     await store.close()
 
 
@@ -162,7 +165,7 @@ async def test_old_database_is_upgraded(tmp_path: Path) -> None:
     db.close()
     store = Store(path)
     assert store.migrations_applied == [name for name, _ in MIGRATIONS[1:]]
-    assert (await store.get_task("t1"))["state"] == "succeeded"
+    assert (await store.get_task("t1")).state == "succeeded"
     await store.record_alert(
         {"name": "x", "severity": "warning", "message": "m", "started_at": "now"}
     )
@@ -192,7 +195,11 @@ async def test_invalid_policy_at_start_means_degraded_until_fixed(
     resp = await client.post("/v1/tasks", json=body, headers=auth(keys["user"]))
     assert resp.status == 503
     assert resp.headers["Retry-After"]
-    assert (await client.get("/v1/tasks", headers=auth(keys["user"]))).status == 200
+    # No policy at all means no API decision either: keyed calls fail closed (503), while
+    # health and readiness stay up to say why.
+    listed = await client.get("/v1/tasks", headers=auth(keys["user"]))
+    assert listed.status == 503
+    assert (await listed.json())["error"]["code"] == "degraded"
     assert (await client.get("/healthz")).status == 200
     assert (await client.get("/readyz")).status == 503
     policy.write_text(good)
@@ -341,7 +348,7 @@ async def test_full_disk_means_degraded_until_space_returns(
                 f.write(b"\0" * 65536)
         except OSError:
             pass
-    await hub.monitor.probe_store()
+    await hub.probe_store()
     assert hub.mode == "degraded"
     assert "full" in hub.degraded_reasons["store"]
     assert "degraded_store" in hub.alerts.active
@@ -353,7 +360,7 @@ async def test_full_disk_means_degraded_until_space_returns(
     read = await client.get(f"/v1/tasks/{task_id}", headers=auth(keys["user"]))
     assert (await read.json())["state"] == "succeeded"
     filler.unlink()
-    await hub.monitor.probe_store()
+    await hub.probe_store()
     assert hub.mode == "normal"
     again = await client.post(
         "/v1/tasks?wait=10", json={"agent": "echo", "input": {}}, headers=auth(keys["user"])

@@ -15,9 +15,9 @@ import pytest
 
 from gateway.cli import main
 from gateway.decisionlog.replay import compare
-from gateway.http.app import create_app
+from gateway.http.app import HUB, create_app
 from gateway.policy.engine import Decision
-from tests.conftest import REPO, FakeBackend, auth, git, make_settings
+from tests.conftest import REPO, FakeBackend, git, make_settings, submit_through_router
 
 # (key, body, allowed): seq 1..5.
 SUBMISSIONS = [
@@ -31,15 +31,14 @@ SUBMISSIONS = [
 
 @pytest.fixture
 async def state(tmp_path: Path, keys: dict[str, str], aiohttp_client: Any) -> Any:
-    """The state dir of a hub that made the five decisions above, and their ids by seq."""
+    """The state dir of a hub that made the five decisions above, and their ids by seq
+    (submitted past the HTTP door, so that the log holds exactly these five)."""
     settings = make_settings(tmp_path, reload_poll_s=0, mask=("mask:/task/input/expression",))
     client = await aiohttp_client(create_app(settings, backend=FakeBackend()))
     ids = {}
     for seq, (who, body, allowed) in enumerate(SUBMISSIONS, 1):
-        resp = await client.post("/v1/tasks?wait=10", json=body, headers=auth(keys[who]))
-        answer = await resp.json()
-        assert (resp.status == 200) == allowed, answer
-        ids[seq] = answer["decision_id"] if allowed else answer["error"]["decision_id"]
+        ids[seq], done = await submit_through_router(client.app[HUB], keys[who], body)
+        assert (done is not None) == allowed, (seq, done)
     await client.close()
     return settings.state_dir, ids
 

@@ -7,6 +7,7 @@ policy's sandbox applied for real.
 """
 
 import ast
+import errno
 import operator
 import os
 import time
@@ -15,6 +16,7 @@ from gateway.sdk import Agent, AgentError
 
 agent = Agent("calc")
 MAX_DIGITS = int(os.environ.get("CALC_MAX_DIGITS", "50"))
+SCRATCH = "/app/scratch"  # owned by 65534 in the image (see the Dockerfile)
 OPS = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
@@ -58,20 +60,35 @@ def read_int(*paths):
     return None
 
 
-def sandbox():
+def root_write():
+    """Try to write where this uid may write: SCRATCH is owned by it in the image, so only
+    a read-only root file system (EROFS) can refuse, not the permissions (EACCES)."""
+    path = os.path.join(SCRATCH, "probe-write")
     try:
-        with open("/probe-write", "w"):
+        owner = os.stat(SCRATCH).st_uid
+    except OSError as e:
+        return {"path": path, "dir_owner": None, "error": errno.errorcode.get(e.errno, str(e))}
+    try:
+        with open(path, "w"):
             pass
-        read_only = False
-    except OSError:
-        read_only = True
+        os.unlink(path)
+        error = None
+    except OSError as e:
+        error = errno.errorcode.get(e.errno, str(e))
+    return {"path": path, "dir_owner": owner, "error": error}
+
+
+def sandbox():
+    write = root_write()
     return {
         "uid": os.getuid(),
+        "gid": os.getgid(),
+        "root_write": write,
         "memory_limit_bytes": read_int(
             "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"
         ),
         "pids_limit": read_int("/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/pids/pids.max"),
-        "root_read_only": read_only,
+        "root_read_only": write["error"] == "EROFS" and write["dir_owner"] == os.getuid(),
         "env_keys": sorted(os.environ),
     }
 
