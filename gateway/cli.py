@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--keys", type=Path, default=None, help="API keys file")
     serve.add_argument(
+        "--secrets",
+        type=Path,
+        default=None,
+        help="secrets file (JSON or YAML, mode 0600) for env {secret: NAME} "
+        "(default: <state-dir>/secrets.json)",
+    )
+    serve.add_argument(
         "--max-body", type=int, default=1024 * 1024, help="request body limit (bytes)"
     )
     serve.add_argument(
@@ -265,6 +272,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         state_dir=args.state_dir,
         keys_file=args.keys,
+        secrets_file=args.secrets,
         agents_file=args.agents,
         schemas_dir=args.schemas,
         policies_dir=args.policies,

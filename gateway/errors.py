@@ -10,7 +10,7 @@ GatewayError (500 internal_error)
 ├── MethodNotAllowed 405
 ├── Conflict 409 ── IdempotencyConflict, InvalidState, AgentNotRunning
 ├── PayloadTooLarge 413, UnsupportedMediaType 415, InvalidConfig 422, TooManyRequests 429
-├── AgentUnavailable 502 ── AgentError
+├── AgentUnavailable 502 ── AgentError, SecretUnavailable
 ├── StoreUnavailable 503, Degraded 503
 └── AgentTimeout 504
 ConfigError (a file a user edits is invalid) ── PolicyTestsFailed
@@ -180,6 +180,13 @@ class AgentUnavailable(GatewayError):
     """The container engine or the agent could not be reached (502)."""
 
     code, status = "agent_unavailable", 502
+
+
+class SecretUnavailable(AgentUnavailable):
+    """A secret an agent's env names cannot be read (no file, a readable-by-others file,
+    no such secret): the container is not started. The message names, never shows, it."""
+
+    code = "secret_unavailable"
 
 
 class AgentError(AgentUnavailable):

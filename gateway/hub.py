@@ -163,6 +163,7 @@ class Hub:
                 agent_port=s.port,
                 agent_address=s.agent_listen_host,
                 workers=c.docker_workers,
+                secrets_file=c.secrets_file,
             )
         # Looked up when stopping, not now: whoever owns the backend may have replaced close.
         self._cleanup.push_async_callback(lambda: self.backend.close())

@@ -77,13 +77,15 @@ class MessageSettings:
 
 @dataclass(frozen=True)
 class ContainerSettings:
-    """The container backend and the limits the task router applies to containers."""
+    """The container backend and the limits the task router applies to containers; the
+    secrets file agents' ``env: {VAR: {secret: NAME}}`` entries are read from."""
 
     internal_network: str
     egress_network: str
     docker_workers: int
     ttl_grace_s: int
     max_running: int
+    secrets_file: Path | None = None
 
     @property
     def networks(self) -> dict[str, str]:
@@ -102,6 +104,9 @@ class Settings:
     port: int = 8080
     state_dir: Path = field(default_factory=lambda: REPO_ROOT / ".state")
     keys_file: Path | None = None
+    # The secrets file (JSON or YAML, mode 0600) for env entries {secret: NAME}; None means
+    # <state-dir>/secrets.json.
+    secrets_file: Path | None = None
     agents_file: Path = field(default_factory=lambda: REPO_ROOT / "agents.yaml")
     schemas_dir: Path = field(default_factory=lambda: REPO_ROOT / "schemas")
     policies_dir: Path = field(default_factory=lambda: REPO_ROOT / "policies")
@@ -195,6 +200,13 @@ class Settings:
         """The API keys file: ``--keys`` or ``<state-dir>/keys.json``."""
         return Path(self.keys_file) if self.keys_file else Path(self.state_dir) / "keys.json"
 
+    @property
+    def effective_secrets_file(self) -> Path:
+        """The secrets file: ``--secrets`` or ``<state-dir>/secrets.json``."""
+        if self.secrets_file:
+            return Path(self.secrets_file)
+        return Path(self.state_dir) / "secrets.json"
+
     # -- sections
 
     @property
@@ -250,6 +262,7 @@ class Settings:
             docker_workers=self.docker_workers,
             ttl_grace_s=self.container_ttl_grace_s,
             max_running=self.max_running_containers,
+            secrets_file=self.effective_secrets_file,
         )
 
 

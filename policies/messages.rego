@@ -5,10 +5,14 @@
 #                      "local": bool (a container of this hub), "depth",
 #                      "lineage": [{"task_id", "agent"}] (ancestors, the user's task first)},
 #          "message": {...envelope: type, to?, topic?, kind, payload, task_id?...},
-#          "target":  {"type": "agent", "agent": {...registry entry...}}
-#                   | {"type": "topic", "topic", "subscribers": [agent names]}}
+#          "target":  {"type": "agent", "agent": {...registry entry...}, "instances": [...]}
+#                   | {"type": "topic", "topic", "subscribers": [agent names], "instances": [...]}}
+#          where each of "instances" (the running containers that could receive it) is
+#          {"instance_id", "agent", "task_id", "owner", "lineage": [{"task_id", "agent"}]}
+#          and input.source also carries "owner" (the subject that owns the sender's task)
 # data:   data.agents (the registry) and data.config.messages (policies/data.json)
-# output: decision = {"allow": bool, "reasons": [string]}
+# output: decision = {"allow": bool, "reasons": [string],
+#                     "deliver_to": [instance ids]  (only these receive it; absent = none)}
 package gateway.messages
 
 import rego.v1
@@ -124,7 +128,28 @@ target_allowed if {
 	publisher
 }
 
-decision := {"allow": true, "reasons": ["allowed"]} if {
+# --- tenancy: which running instances it may reach --------------------------------------
+
+# An instance whose task belongs to the sender's owner (the user who submitted the root task).
+may_reach(inst) if {
+	input.source.owner
+	inst.owner == input.source.owner
+}
+
+# Anything else only where a cross-owner rule of data.config.messages says so.
+may_reach(inst) if {
+	some rule in object.get(cfg, "cross_owner", [])
+	matches(rule.from, sender)
+	matches(rule.to, inst.agent)
+	matches(rule.types, msg_type)
+}
+
+deliver_to contains inst.instance_id if {
+	some inst in object.get(input.target, "instances", [])
+	may_reach(inst)
+}
+
+decision := {"allow": true, "reasons": ["allowed"], "deliver_to": deliver_to} if {
 	allow
 } else := {"allow": false, "reasons": deny} if {
 	count(deny) > 0

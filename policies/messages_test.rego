@@ -156,3 +156,50 @@ test_target_of_unknown_type_is_denied if {
 	d := decide(coordinator, request("wordstats", "text.stats"), {"type": "planet", "agent": wordstats})
 	d.allow == false
 }
+
+# --- tenancy ----------------------------------------------------------------------------
+
+alices_coordinator := object.union(coordinator, {"owner": "alice"})
+
+alices_child := object.union(child, {"owner": "alice"})
+
+wordstats_of(owner, id) := {"instance_id": id, "agent": "wordstats", "task_id": concat("-", ["t", id]), "owner": owner, "lineage": []}
+
+echo_of(owner, id) := {"instance_id": id, "agent": "echo", "task_id": concat("-", ["t", id]), "owner": owner, "lineage": []}
+
+test_a_request_reaches_only_instances_of_the_same_owner if {
+	target := object.union(to_agent(wordstats), {"instances": [wordstats_of("alice", "w1"), wordstats_of("bob", "w2")]})
+	d := decide(alices_coordinator, request("wordstats", "text.stats"), target)
+	d.allow == true
+	d.deliver_to == {"w1"}
+}
+
+test_a_request_to_another_owners_only_instance_reaches_nobody if {
+	target := object.union(to_agent(wordstats), {"instances": [wordstats_of("bob", "w2")]})
+	d := decide(alices_coordinator, request("wordstats", "text.stats"), target)
+	count(d.deliver_to) == 0
+}
+
+test_an_event_reaches_only_the_senders_owner if {
+	target := {"type": "topic", "topic": "notices", "subscribers": ["echo"], "instances": [echo_of("alice", "e1"), echo_of("bob", "e2"), echo_of("carol", "e3")]}
+	d := decide(alices_child, event("notices", "notice"), target)
+	d.allow == true
+	d.deliver_to == {"e1"}
+}
+
+test_a_sender_without_an_owner_reaches_no_instance if {
+	target := object.union(to_agent(echo), {"instances": [echo_of("alice", "e1")]})
+	d := decide(object.union(external, {"owner": null}), request("echo", "ping"), target)
+	count(object.get(d, "deliver_to", set())) == 0
+}
+
+test_a_cross_owner_rule_opens_exactly_its_route if {
+	rules := [{"from": ["coordinator"], "to": ["wordstats"], "types": ["request"]}]
+	target := object.union(to_agent(wordstats), {"instances": [wordstats_of("bob", "w2")]})
+	d := messages.decision with input as {"source": alices_coordinator, "message": request("wordstats", "text.stats"), "target": target}
+		with data.config.messages.cross_owner as rules
+	d.deliver_to == {"w2"}
+	e := messages.decision with input as {"source": alices_coordinator, "message": {"type": "broadcast", "kind": "notice", "payload": {}}, "target": target}
+		with data.config.messages.cross_owner as rules
+	count(object.get(e, "deliver_to", set())) == 0
+}

@@ -2,6 +2,10 @@
 
 An invalid file is refused with ``file:line`` and the reason; callers keep the last good
 ``Registry`` in force (loading builds a new immutable object and never mutates one).
+
+An ``env`` entry is a literal string or ``{secret: NAME}``, a secret resolved from the
+secrets file when the container starts (``gateway.containers.secrets``). Outside the hub
+(API, policy input, stored revisions) ``env`` shows the variables' names only.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from gateway.bundle.schemas import SchemaSet
 from gateway.errors import ConfigError, UnknownAgent, UnknownCapability
 
 REGISTRY_SCHEMA = "agents.schema.json"
+# What ``AgentSpec.to_json`` shows for every env value, literal or secret.
+ENV_HIDDEN = "***"
 
 
 @dataclass(frozen=True)
@@ -68,12 +74,15 @@ class AgentSpec:
     reuse: bool = False
     pool: MappingProxyType[str, int] = field(default_factory=lambda: MappingProxyType({}))
     env: MappingProxyType[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Variable -> the name of the secret (in the secrets file) it is set from.
+    secret_env: MappingProxyType[str, str] = field(default_factory=lambda: MappingProxyType({}))
     labels: MappingProxyType[str, str] = field(default_factory=lambda: MappingProxyType({}))
     description: str = ""
     line: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        """The entry as policy input and API output see it."""
+        """The entry as policy input, API output and stored revisions see it: env values
+        hidden (``{"NAME": "***"}``), as they may be credentials."""
         return {
             "name": self.name,
             "description": self.description,
@@ -89,7 +98,7 @@ class AgentSpec:
             "subscriptions": list(self.subscriptions),
             "reuse": self.reuse,
             "pool": dict(self.pool),
-            "env": dict(self.env),
+            "env": {name: ENV_HIDDEN for name in sorted({*self.env, *self.secret_env})},
             "labels": dict(self.labels),
         }
 
@@ -198,7 +207,12 @@ def _spec(entry: dict[str, Any], line: int) -> AgentSpec:
         subscriptions=tuple(entry.get("subscriptions", ())),
         reuse=bool(entry.get("reuse", False)),
         pool=MappingProxyType(dict(entry.get("pool", {}))),
-        env=MappingProxyType(dict(entry.get("env", {}))),
+        env=MappingProxyType(
+            {k: v for k, v in entry.get("env", {}).items() if isinstance(v, str)}
+        ),
+        secret_env=MappingProxyType(
+            {k: v["secret"] for k, v in entry.get("env", {}).items() if isinstance(v, dict)}
+        ),
         labels=MappingProxyType(dict(entry.get("labels", {}))),
         description=entry.get("description", ""),
         line=line,

@@ -36,6 +36,9 @@ class ContainerSpec:
     nano_cpus: int
     pids_limit: int
     ttl_s: int
+    # Variable -> secret name: set by the backend from the secrets file as it creates the
+    # container, so the values never sit in a spec the hub keeps or logs.
+    secret_env: dict[str, str] = field(default_factory=dict)
     read_only: bool = True
     # Numeric, so the image's /etc/passwd cannot map it to root; never the image's USER.
     user: str = NONROOT_USER

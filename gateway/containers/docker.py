@@ -3,7 +3,8 @@
 The SDK is synchronous and its thread safety is undocumented, so each worker thread keeps
 its own client. The client negotiates the API version with the engine (Debian's docker.io
 speaks an older API than the docker CLI on the same machine). Every Docker or transport
-error leaves this module as ``AgentUnavailable``.
+error leaves this module as ``AgentUnavailable``. The env a spec takes from secrets is read
+from the secrets file here, as the container is created (``gateway.containers.secrets``).
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import docker
 import docker.errors
 import requests
 
-from gateway.containers import firewall
+from gateway.containers import firewall, secrets
 from gateway.containers.backend import (
     LABEL_HUB,
     LABEL_MANAGED,
@@ -86,6 +88,7 @@ class DockerBackend:
         workers: int = 4,
         api_timeout_s: int = 60,
         iptables: str = "iptables",
+        secrets_file: Path | None = None,
     ) -> None:
         self.internal_network = internal_network
         self.egress_network = egress_network
@@ -94,6 +97,7 @@ class DockerBackend:
         self.agent_port = agent_port
         self.agent_address = agent_address
         self._iptables = firewall.Iptables(iptables)
+        self.secrets_file = secrets_file
         self._api_timeout_s = api_timeout_s
         self._local = threading.local()
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="docker")
@@ -204,6 +208,11 @@ class DockerBackend:
                 raise AgentUnavailable(f"image {spec.image} has no entrypoint or command")
             # Never the image's USER: a root image runs as the spec's numeric user too.
             user = check_user(spec.user)
+            # Before anything is created: a secret that cannot be read leaves no container.
+            environment = {
+                **spec.env,
+                **secrets.resolve_env(self.secrets_file, spec.secret_env),
+            }
             host_config = c.create_host_config(
                 cap_drop=list(spec.cap_drop),
                 security_opt=list(spec.security_opt),
@@ -223,7 +232,7 @@ class DockerBackend:
                 # The TTL is enforced inside the container, so it holds even if the hub dies.
                 entrypoint=["timeout", "-s", "TERM", "-k", "5", f"{spec.ttl_s}s"],
                 command=original,
-                environment=spec.env,
+                environment=environment,
                 labels=spec.labels,
                 user=user,
                 host_config=host_config,

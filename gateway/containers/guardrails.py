@@ -97,6 +97,7 @@ def build_spec(
         image=agent.image,
         port=agent.port,
         env=env,
+        secret_env=dict(agent.secret_env),
         labels=labels,
         network=networks[network],
         memory_bytes=memory,

@@ -1,8 +1,8 @@
 """Masking of logged inputs: erase or redact fields named by JSON pointers (RFC 6901).
 
 ``*`` matches any key or index; ``pointers_marked_secret`` finds the pointers an agent's
-input schema marks ``"x-secret": true``. Masking works on a copy: the caller's input is
-never changed. Pure: no I/O.
+input schema marks ``"x-secret": true`` and ``SecretPointers`` keeps them per loaded schema
+set. Masking works on a copy: the caller's input is never changed. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -182,3 +182,27 @@ def pointers_marked_secret(schema: Mapping[str, Any], prefix: str = "") -> list[
 
     walk(schema, prefix.rstrip("/"))
     return found
+
+
+class SecretPointers:
+    """``pointers_marked_secret`` of named schema documents, computed once per schema set.
+
+    A reload brings a new ``documents`` mapping, which empties the cache; a missing or
+    non-object document has no secret fields.
+    """
+
+    def __init__(self) -> None:
+        self._of: Mapping[str, Any] | None = None
+        self._cache: dict[tuple[str, str], tuple[str, ...]] = {}
+
+    def of(self, documents: Mapping[str, Any], schema: str, prefix: str) -> tuple[str, ...]:
+        """The x-secret pointers of ``documents[schema]``, under ``prefix``."""
+        if self._of is not documents:
+            self._of, self._cache = documents, {}
+        key = (schema, prefix)
+        found = self._cache.get(key)
+        if found is None:
+            doc = documents.get(schema)
+            found = tuple(pointers_marked_secret(doc, prefix)) if isinstance(doc, Mapping) else ()
+            self._cache[key] = found
+        return found

@@ -28,6 +28,7 @@ from gateway.agents.instances import Instance, InstanceRegistry
 from gateway.agents.wire import AgentWire
 from gateway.bundle.config import MESSAGE_SCHEMA, RESULT_SCHEMA, Config
 from gateway.bundle.registry import AgentSpec
+from gateway.decisionlog.masking import SecretPointers
 from gateway.errors import (
     AgentNotRunning,
     DelegationTooDeep,
@@ -110,6 +111,8 @@ class Sender:
             "local": inst is not None,
             "depth": inst.depth if inst else 0,
             "lineage": [e.to_json() for e in inst.lineage] if inst else [],
+            # Whose task it runs: the user who submitted the root task (tenancy).
+            "owner": inst.subject.id if inst else None,
         }
 
 
@@ -138,6 +141,9 @@ class MessageRouter:
         # Registry entries as policy input, built once per loaded configuration.
         self._targets_of: Config | None = None
         self._targets: dict[str, dict[str, Any]] = {}
+        # The x-secret fields of kinds' payload and agents' input schemas, per schema set.
+        self._secrets = SecretPointers()
+        self._turn = 0  # round robin over the instances a request may reach
 
     def sender(self, identity: VerifiedIdentity) -> Sender:
         """Who sent a message: the live instance behind a token this hub minted, if any."""
@@ -185,8 +191,13 @@ class MessageRouter:
 
     async def _request(self, config: Config, sender: Sender, envelope: dict[str, Any]) -> Replied:
         target = config.registry.get(envelope["to"])
-        decision_id = await self._decide(config, sender, envelope, self._target(config, target))
-        inst = self.instances.pick(target.name, exclude=_instance_id(sender))
+        candidates = self.instances.running(target.name, exclude=_instance_id(sender))
+        decision_id, reachable = await self._decide_recipients(
+            config, sender, envelope, self._target(config, target), candidates
+        )
+        # The same answer whether no instance runs or only ones the sender may not reach,
+        # so a sender learns nothing of other owners' containers.
+        inst = self._round_robin(reachable)
         if inst is None or inst.handle is None:
             raise AgentNotRunning(
                 f"no container of agent {target.name!r} is running; start a task for it first",
@@ -222,12 +233,14 @@ class MessageRouter:
                 },
             )
         target = {"type": "topic", "topic": topic, "subscribers": subscribers}
-        decision_id = await self._decide(config, sender, envelope, target)
-        recipients = [
+        candidates = [
             i
             for name in subscribers
             for i in self.instances.running(name, exclude=_instance_id(sender))
         ]
+        decision_id, recipients = await self._decide_recipients(
+            config, sender, envelope, target, candidates
+        )
         delivered = await self._deliver_all(recipients, _delivery(sender, envelope))
         return Delivered("event", delivered, len(recipients), (decision_id,))
 
@@ -245,10 +258,11 @@ class MessageRouter:
             if spec is None:
                 continue  # removed from the registry by a reload; its containers run on
             try:
-                decision_ids.append(
-                    await self._decide(config, sender, envelope, self._target(config, spec))
+                decision_id, reachable = await self._decide_recipients(
+                    config, sender, envelope, self._target(config, spec), by_agent[name]
                 )
-                allowed.extend(by_agent[name])
+                decision_ids.append(decision_id)
+                allowed.extend(reachable)
             except PolicyDenied as e:
                 decision_ids.append(e.decision_id or "")
                 refused[name] = list(e.details.get("reasons", [])) if e.details else []
@@ -362,10 +376,39 @@ class MessageRouter:
             target = self._targets[spec.name] = {"type": "agent", "agent": spec.to_json()}
         return target
 
+    async def _decide_recipients(
+        self,
+        config: Config,
+        sender: Sender,
+        envelope: dict[str, Any],
+        target: dict[str, Any],
+        candidates: list[Instance],
+    ) -> tuple[str, list[Instance]]:
+        """Decide a message to ``candidates`` (the running instances it could reach); return
+        its decision id and the candidates the policy's ``deliver_to`` names (none if absent:
+        fail closed). PolicyDenied when the message itself is refused."""
+        target = {**target, "instances": [_instance_json(i) for i in candidates]}
+        decision_id, decision = await self._evaluate(config, sender, envelope, target)
+        chosen = decision.extra.get("deliver_to")
+        ids = {str(i) for i in chosen} if isinstance(chosen, list) else set()
+        return decision_id, [i for i in candidates if i.instance_id in ids]
+
+    def _round_robin(self, found: list[Instance]) -> Instance | None:
+        if not found:
+            return None
+        self._turn += 1
+        return found[self._turn % len(found)]
+
     async def _decide(
         self, config: Config, sender: Sender, envelope: dict[str, Any], target: dict[str, Any]
     ) -> str:
         """Evaluate and log the decision; PolicyDenied (with its id) when refused."""
+        return (await self._evaluate(config, sender, envelope, target))[0]
+
+    async def _evaluate(
+        self, config: Config, sender: Sender, envelope: dict[str, Any], target: dict[str, Any]
+    ) -> tuple[str, Decision]:
+        """Evaluate and log the decision; its id and the decision, or PolicyDenied."""
         policy_input = {"source": sender.source(), "message": envelope, "target": target}
         decision = config.policy.evaluate(MESSAGES_QUERY, policy_input)
         decision_id = await self._record(config, sender, envelope, target, decision, policy_input)
@@ -380,7 +423,7 @@ class MessageRouter:
                 details={"reasons": list(decision.reasons), "target": name},
                 decision_id=decision_id,
             )
-        return decision_id
+        return decision_id, decision
 
     async def _record(
         self,
@@ -402,7 +445,23 @@ class MessageRouter:
             subject=sender.spiffe_id,
             agent=_target_name(target) if target["type"] == "agent" else None,
             task_id=inst.task_id if inst else None,
+            secret_pointers=self._secret_pointers(config, envelope, target),
         )
+
+    def _secret_pointers(
+        self, config: Config, envelope: dict[str, Any], target: dict[str, Any]
+    ) -> list[str]:
+        """Where the logged input holds fields marked x-secret: in the payload of the
+        message's kind and, for a delegation, in the child's input (its agent's schema)."""
+        documents = config.schemas.documents
+        found = list(
+            self._secrets.of(documents, KINDS_DIR + envelope["kind"] + ".json", "/message/payload")
+        )
+        if envelope["type"] == "delegate" and target["type"] == "agent":
+            spec = config.registry.agents.get(_target_name(target))
+            if spec is not None:
+                found += self._secrets.of(documents, spec.input_schema, "/message/payload/input")
+        return found
 
     async def _deliver_all(self, recipients: list[Instance], body: dict[str, Any]) -> int:
         """Post to every recipient at once; return how many answered 2xx in time."""
@@ -453,6 +512,17 @@ def _delivery(sender: Sender, envelope: dict[str, Any]) -> dict[str, Any]:
 
 def _instance_id(sender: Sender) -> str | None:
     return sender.instance.instance_id if sender.instance else None
+
+
+def _instance_json(inst: Instance) -> dict[str, Any]:
+    """A running instance as the policy sees it in ``input.target.instances``."""
+    return {
+        "instance_id": inst.instance_id,
+        "agent": inst.agent,
+        "task_id": inst.task_id,
+        "owner": inst.subject.id,
+        "lineage": [e.to_json() for e in inst.lineage],
+    }
 
 
 def _target_name(target: dict[str, Any]) -> str:

@@ -24,6 +24,7 @@ from gateway.bundle.config import TASK_SCHEMA, Config
 from gateway.bundle.registry import AgentSpec
 from gateway.containers.backend import ContainerBackend, ContainerHandle
 from gateway.containers.guardrails import build_spec
+from gateway.decisionlog.masking import SecretPointers
 from gateway.errors import (
     AgentTimeout,
     Degraded,
@@ -595,8 +596,9 @@ class TaskRouter:
         return len(self._runners)
 
 
-def _secret_pointers(config: Config, agent: AgentSpec) -> list[str]:
-    from gateway.decisionlog.masking import pointers_marked_secret
+_SECRETS = SecretPointers()
 
-    doc = config.schemas.documents.get(agent.input_schema)
-    return pointers_marked_secret(doc, "/task/input") if isinstance(doc, dict) else []
+
+def _secret_pointers(config: Config, agent: AgentSpec) -> list[str]:
+    """Where a dispatch input holds the fields the agent's input schema marks x-secret."""
+    return list(_SECRETS.of(config.schemas.documents, agent.input_schema, "/task/input"))

@@ -30,6 +30,7 @@ from gateway.containers.backend import LABEL_AGENT, LABEL_TASK, ContainerHandle,
 from gateway.errors import AgentUnavailable
 from gateway.http.app import HUB
 from gateway.hub import Hub
+from gateway.identity.apikeys import KeyStore
 from gateway.identity.svid import SvidIssuer
 from tests.conftest import REPO, FakeBackend, auth, load_example, make_settings
 from tests.messaging import AUDIENCE, TRUST_DOMAIN, bad_tokens, claims, svid_auth, until
@@ -90,9 +91,13 @@ class Ctx:
         )
         return inst  # type: ignore[no-any-return]
 
-    async def probe(self, hold_s: float = 8, expect: int = 1, **extra: Any) -> Instance:
-        """A probe holding for messages; returns its running instance."""
-        task_id = await self.start("probe", {"hold_s": hold_s, "expect_messages": expect, **extra})
+    async def probe(
+        self, hold_s: float = 8, expect: int = 1, *, key: str = "developer", **extra: Any
+    ) -> Instance:
+        """A probe holding for messages (a task of ``key``'s subject); its running instance."""
+        task_id = await self.start(
+            "probe", {"hold_s": hold_s, "expect_messages": expect, **extra}, key=key
+        )
         return await self.running(task_id)
 
     def token(self, inst: Instance) -> str:
@@ -524,6 +529,66 @@ async def test_broadcast_reaches_running_agents_the_policy_allows(ctx: Ctx) -> N
     assert received_by(ctx, b)[0]["type"] == "broadcast"
 
 
+# --- tenancy: a message reaches only instances of the sender's owner ---------------------------
+
+
+@pytest.fixture
+def second_tenant(keys: dict[str, str], tmp_path: Path) -> str:
+    """A key of another subject ("mallory") with the same roles as "developer" (made before
+    the hub starts: list this fixture before ``ctx``)."""
+    keys["mallory"] = KeyStore.load(tmp_path / "keys.json").create("mallory", ["user", "developer"])
+    return "mallory"
+
+
+async def test_an_event_reaches_only_the_senders_owner(second_tenant: str, ctx: Ctx) -> None:
+    # Before tenancy, any agent's event reached every subscribed instance of any user.
+    sender, mine = await ctx.probe(expect=0), await ctx.probe()
+    theirs = await ctx.probe(expect=0, key=second_tenant)
+    status, body = await ctx.send(
+        sender, {"type": "event", "topic": "notices", "kind": "notice", "payload": NOTICE}
+    )
+    assert status == 202, body
+    assert (body["delivered"], body["recipients"]) == (1, 1)
+    assert len(received_by(ctx, mine)) == 1
+    assert received_by(ctx, theirs) == []
+    (record,) = [
+        d for d in await ctx.message_decisions() if d["decision_id"] == body["decision_id"]
+    ]
+    owners = {i["instance_id"]: i["owner"] for i in record["input"]["target"]["instances"]}
+    assert owners == {mine.instance_id: "developer", theirs.instance_id: "mallory"}
+    assert record["result"]["deliver_to"] == [mine.instance_id]
+    assert record["input"]["source"]["owner"] == "developer"
+
+
+async def test_a_broadcast_skips_other_owners(second_tenant: str, ctx: Ctx) -> None:
+    sender, mine = await ctx.probe(expect=0), await ctx.probe()
+    theirs = await ctx.probe(expect=0, key=second_tenant)
+    status, body = await ctx.send(
+        sender, {"type": "broadcast", "kind": "notice", "payload": NOTICE}
+    )
+    assert status == 202, body
+    assert body["delivered"] == 1
+    assert received_by(ctx, theirs) == [] and len(received_by(ctx, mine)) == 1
+
+
+async def test_a_request_to_another_owners_instance_is_not_delivered(
+    second_tenant: str, ctx: Ctx
+) -> None:
+    sender = await ctx.probe(expect=0)
+    theirs = await ctx.probe(expect=0, key=second_tenant)
+    status, body = await ctx.send(sender, ping("probe", hi=1))
+    # The same answer as when no probe runs at all: nothing leaks about other owners.
+    assert status == 409, body
+    assert body["error"]["code"] == "agent_not_running"
+    assert body["error"]["decision_id"]
+    assert received_by(ctx, theirs) == []
+    # Its own owner's instance answers.
+    mine = await ctx.probe()
+    status, body = await ctx.send(sender, ping("probe", hi=2))
+    assert status == 200, body
+    assert len(received_by(ctx, mine)) == 1 and received_by(ctx, theirs) == []
+
+
 async def test_broadcast_refused_everywhere_is_403(
     make_ctx: Callable[..., Awaitable[Ctx]], config_copy: Callable[[], Path]
 ) -> None:
@@ -861,6 +926,11 @@ async def test_svid_from_a_configured_trust_bundle_is_verified_then_policy_decid
     root = config_copy()
     data = json.loads((root / "policies" / "data.json").read_text())
     data["config"]["messages"]["external_senders"] = ["spiffe://partner.example/agent/planner"]
+    # An external sender runs no task of ours, so it has no owner: reaching one of our
+    # instances crosses owners and needs a rule that says so.
+    data["config"]["messages"]["cross_owner"] = [
+        {"from": ["planner"], "to": ["probe"], "types": ["request"]}
+    ]
     (root / "policies" / "data.json").write_text(json.dumps(data))
     ctx = await make_ctx(
         trust_bundles=(("partner.example", bundle),),
