@@ -6,13 +6,20 @@
    against the real Docker engine: (a) all finished; (b) 1,000 unfinished whose deadlines
    passed while the hub was down, so recovery must end each one.
 
-Usage: python bench/bench_store.py [n_writes]
+``--durability`` instead measures what ``synchronous=FULL`` (the store's setting: every
+commit is fsynced) costs against NORMAL, in one run: the writes of 1. with each, in
+alternating rounds (NORMAL, FULL, NORMAL, FULL) on a database in the state folder's file
+system (under ``bench/``, not a tmpfs, where an fsync would cost nothing), and task
+creations one at a time, where no group commit shares the fsync. No Docker needed.
+
+Usage: python bench/bench_store.py [n_writes] [--durability]
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+import statistics
 import sys
 import tempfile
 import time
@@ -28,7 +35,11 @@ from gateway.policy.engine import Decision
 from gateway.settings import REPO_ROOT, Settings
 from gateway.store import Store
 
-N = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
+ARGS = [a for a in sys.argv[1:] if not a.startswith("--")]
+N = int(ARGS[0]) if ARGS else 5000
+DURABILITY = "--durability" in sys.argv[1:]
+ROUNDS = 2
+HERE = Path(__file__).resolve().parent
 CONCURRENCY = 64
 INPUT = {
     "subject": {"id": "alice", "roles": ["user"], "key_id": "abc"},
@@ -53,13 +64,13 @@ def row(task_id: str, deadline: float) -> dict[str, object]:
     }
 
 
-async def writes(tmp: Path) -> dict[str, float]:
-    store = Store(tmp / "w.db")
-    ids = [str(uuid.uuid4()) for _ in range(N)]
+async def writes(tmp: Path, synchronous: str = "FULL", n: int = N) -> dict[str, float]:
+    store = Store(tmp / f"w-{synchronous}-{uuid.uuid4().hex[:6]}.db", synchronous=synchronous)
+    ids = [str(uuid.uuid4()) for _ in range(n)]
     deadline = time.time() + 3600
-    create = await rate(N, lambda i: store.create_task(row(ids[i], deadline)), CONCURRENCY)
+    create = await rate(n, lambda i: store.create_task(row(ids[i], deadline)), CONCURRENCY)
     move = await rate(
-        N,
+        n,
         lambda i: store.transition(ids[i], "dispatched", allowed_from=("pending",)),
         CONCURRENCY,
     )
@@ -78,7 +89,7 @@ async def writes(tmp: Path) -> dict[str, float]:
             task_id=ids[i],
         )
 
-    decisions = await rate(N, record, CONCURRENCY)
+    decisions = await rate(n, record, CONCURRENCY)
     verify_start = time.perf_counter()
     verified = await log.verify()
     verify_rate = verified.checked / (time.perf_counter() - verify_start)
@@ -134,7 +145,55 @@ async def start_to_ready(tmp: Path, *, unfinished: bool) -> dict[str, float]:
     return {"start_to_ready_ms": ready_s * 1000, "recovery_ms": recovery.seconds * 1000}
 
 
+async def one_at_a_time(tmp: Path, synchronous: str, n: int) -> float:
+    """Task creations per second with one in flight: every commit pays its own fsync."""
+    store = Store(tmp / f"s-{synchronous}-{uuid.uuid4().hex[:6]}.db", synchronous=synchronous)
+    deadline = time.time() + 3600
+    created = await rate(n, lambda i: store.create_task(row(str(uuid.uuid4()), deadline)), 1)
+    await store.close()
+    return created
+
+
+async def durability() -> dict[str, object]:
+    """FULL against NORMAL, alternating rounds in one run; the cost of FULL per write."""
+    rounds: dict[str, list[dict[str, float]]] = {"NORMAL": [], "FULL": []}
+    single: dict[str, list[float]] = {"NORMAL": [], "FULL": []}
+    with tempfile.TemporaryDirectory(dir=HERE, prefix=".durability-") as tmp:
+        for _ in range(ROUNDS):
+            for mode in ("NORMAL", "FULL"):
+                rounds[mode].append(await writes(Path(tmp), mode))
+                single[mode].append(await one_at_a_time(Path(tmp), mode, max(200, N // 10)))
+    figures: dict[str, object] = {}
+    for key in rounds["FULL"][0]:
+        if key.startswith("verify"):
+            continue
+        normal = statistics.fmean(r[key] for r in rounds["NORMAL"])
+        full = statistics.fmean(r[key] for r in rounds["FULL"])
+        figures[key] = {
+            "NORMAL": round(normal),
+            "FULL": round(full),
+            "FULL/NORMAL": round(full / normal, 3),
+            "extra_us_per_write": round((1 / full - 1 / normal) * 1e6, 1),
+        }
+    normal1, full1 = (statistics.fmean(single[m]) for m in ("NORMAL", "FULL"))
+    figures["task_creates_per_s, 1 in flight"] = {
+        "NORMAL": round(normal1),
+        "FULL": round(full1),
+        "FULL/NORMAL": round(full1 / normal1, 3),
+        "extra_us_per_write": round((1 / full1 - 1 / normal1) * 1e6, 1),
+    }
+    return figures
+
+
 async def main() -> None:
+    if DURABILITY:
+        figures = await durability()
+        report(
+            f"store durability, synchronous FULL vs NORMAL ({N} writes, {CONCURRENCY} "
+            f"concurrent, {ROUNDS} rounds each)",
+            figures,
+        )
+        return
     with tempfile.TemporaryDirectory() as tmp:
         figures = await writes(Path(tmp))
         figures["start_1000_finished"] = await start_to_ready(Path(tmp), unfinished=False)

@@ -315,7 +315,8 @@ def persistent_hub_id(state_dir: Path) -> str:
     path = Path(state_dir) / "hub-id"
     if path.exists():
         return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # Private from the start; the store sets the exact mode (0700) whatever the umask.
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     hub_id = "hub-" + secrets.token_hex(4)
     path.write_text(hub_id + "\n")
     return hub_id

@@ -150,6 +150,8 @@ class Hub:
             masking=[parse_mask_rule(rule) for rule in s.mask],
         )
         await self.decisions.start()
+        # Before the store closes: records written without waiting (allowed reads) land.
+        self._cleanup.push_async_callback(self.decisions.flush)
 
     async def _connect_engine(self) -> None:
         s = self.settings
@@ -178,6 +180,7 @@ class Hub:
             ttl_s=i.ttl_s,
             bundles=i.bundles,
             is_active=self.instances.is_active,
+            recovering=lambda: not self.recovered,
         )
         self.instances.minter = self.identities
 

@@ -34,6 +34,7 @@ class BundleSettings:
     schemas_dir: Path
     policies_dir: Path
     reload_poll_s: float
+    limits_file: Path | None = None  # None: no quotas or rate limits
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,11 @@ class Settings:
     # API authorization (policies/api.rego): denials and state-changing calls are always
     # logged; allowed reads by an authenticated caller too, unless this is off.
     log_api_reads: bool = True
+    # Quotas and rate limits (limits.yaml; README "Quotas and rate limits"). None: none, as
+    # for the benchmarks of raw throughput; ``agent-gateway serve`` loads the file in git.
+    limits_file: Path | None = None
+    # How long an Idempotency-Key replays its task; older keys are pruned and reusable.
+    idempotency_ttl_s: float = 24 * 3600.0
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -181,6 +187,10 @@ class Settings:
         for domain, bundle in self.trust_bundles:
             if not Path(bundle).is_file():
                 raise SettingsError(f"trust_bundles: {bundle} (for {domain}) is not a file")
+        if not self.idempotency_ttl_s > 0:
+            raise SettingsError("idempotency_ttl_s: must be positive")
+        if self.limits_file is not None and not Path(self.limits_file).is_file():
+            raise SettingsError(f"limits_file: {self.limits_file} is not a file")
         for name in ("agents_file",):
             path = getattr(self, name)
             if not Path(path).is_file():
@@ -217,6 +227,7 @@ class Settings:
             schemas_dir=Path(self.schemas_dir),
             policies_dir=Path(self.policies_dir),
             reload_poll_s=self.reload_poll_s,
+            limits_file=Path(self.limits_file) if self.limits_file is not None else None,
         )
 
     @property

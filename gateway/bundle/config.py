@@ -1,4 +1,4 @@
-"""The files a user edits, loaded together: schemas, agents.yaml and policies.
+"""The files a user edits, loaded together: schemas, agents.yaml, policies and limits.yaml.
 
 A ``Config`` is immutable; a reload builds a new one and swaps it in only if every part
 loaded, so a bad edit never replaces the last good configuration.
@@ -12,6 +12,7 @@ from pathlib import Path
 from gateway.bundle.registry import Registry, load_registry
 from gateway.bundle.revision import combined_revision, revision_of
 from gateway.bundle.schemas import SchemaSet
+from gateway.limits.model import NO_LIMITS, Limits, load_limits
 from gateway.policy.engine import API_QUERY, DISPATCH_QUERY, MESSAGES_QUERY, RegorusPolicy
 
 TASK_SCHEMA = "task.schema.json"
@@ -29,6 +30,9 @@ class Config:
     policy_revision: str
     schemas_revision: str
     registry_revision: str
+    # Quotas and rate limits (gateway.limits); none when the hub runs without a limits file.
+    limits: Limits = NO_LIMITS
+    limits_revision: str = ""
 
     @property
     def revision(self) -> str:
@@ -47,14 +51,18 @@ class Revisions:
     policies: str
     schemas: str
     agents: str
+    limits: str = ""
 
 
-def file_revisions(*, agents_file: Path, schemas_dir: Path, policies_dir: Path) -> Revisions:
+def file_revisions(
+    *, agents_file: Path, schemas_dir: Path, policies_dir: Path, limits_file: Path | None = None
+) -> Revisions:
     """Revisions (last commit + content hash) of the files; runs git, so call it off-loop."""
     return Revisions(
         policies=str(revision_of([Path(policies_dir)])),
         schemas=str(revision_of([Path(schemas_dir)])),
         agents=str(revision_of([Path(agents_file)])),
+        limits=str(revision_of([Path(limits_file)])) if limits_file is not None else "",
     )
 
 
@@ -63,12 +71,14 @@ def load_config(
     agents_file: Path,
     schemas_dir: Path,
     policies_dir: Path,
+    limits_file: Path | None = None,
     policy_budget_ms: float = 50.0,
     revisions: Revisions | None = None,
 ) -> Config:
     """Load and cross-check every file; raise ConfigError (file:line) on the first problem.
 
     ``revisions`` (from ``file_revisions``) saves running git here, on the caller's thread.
+    Without ``limits_file`` nothing is rate limited.
     """
     schemas = SchemaSet.load(schemas_dir)
     for required in (TASK_SCHEMA, MESSAGE_SCHEMA, RESULT_SCHEMA):
@@ -77,9 +87,15 @@ def load_config(
 
             raise ConfigError(f"missing {required}", location=str(schemas_dir))
     registry = load_registry(agents_file, schemas, display=Path(agents_file).name)
+    limits = NO_LIMITS
+    if limits_file is not None:
+        limits = load_limits(limits_file, schemas, display=Path(limits_file).name)
     if revisions is None:
         revisions = file_revisions(
-            agents_file=agents_file, schemas_dir=schemas_dir, policies_dir=policies_dir
+            agents_file=agents_file,
+            schemas_dir=schemas_dir,
+            policies_dir=policies_dir,
+            limits_file=limits_file,
         )
     policy = RegorusPolicy.load(
         policies_dir,
@@ -95,4 +111,6 @@ def load_config(
         policy_revision=revisions.policies,
         schemas_revision=revisions.schemas,
         registry_revision=revisions.agents,
+        limits=limits,
+        limits_revision=revisions.limits,
     )

@@ -207,9 +207,7 @@ def _spec(entry: dict[str, Any], line: int) -> AgentSpec:
         subscriptions=tuple(entry.get("subscriptions", ())),
         reuse=bool(entry.get("reuse", False)),
         pool=MappingProxyType(dict(entry.get("pool", {}))),
-        env=MappingProxyType(
-            {k: v for k, v in entry.get("env", {}).items() if isinstance(v, str)}
-        ),
+        env=MappingProxyType({k: v for k, v in entry.get("env", {}).items() if isinstance(v, str)}),
         secret_env=MappingProxyType(
             {k: v["secret"] for k, v in entry.get("env", {}).items() if isinstance(v, dict)}
         ),

@@ -1,5 +1,5 @@
-"""Hot reload: watch policies/, schemas/ and agents.yaml, and let a change in only once it
-is proven good.
+"""Hot reload: watch policies/, schemas/, agents.yaml and limits.yaml, and let a change in
+only once it is proven good.
 
 A change is (1) compiled and validated (``load_config``: every schema against the 2020-12
 metaschema, agents.yaml against its schema, every Rego module, the decision rules evaluated
@@ -66,12 +66,16 @@ QUERY_OF_KIND = {"dispatch": DISPATCH_QUERY, "message": MESSAGES_QUERY, "api": A
 
 def config_revisions(config: Config) -> dict[str, str]:
     """The revisions of ``config``'s parts and their combination, as /v1/status shows them."""
-    return {
+    revisions = {
         "policies": config.policy_revision,
         "schemas": config.schemas_revision,
         "registry": config.registry_revision,
         "combined": config.revision,
     }
+    if config.limits_revision:
+        # Limits decide what reaches the policy, not what it decides: not in "combined".
+        revisions["limits"] = config.limits_revision
+    return revisions
 
 
 def check_tests(report: TestReport) -> None:
@@ -188,9 +192,10 @@ class Reloader:
 
     @property
     def paths(self) -> list[Path]:
-        """The watched files: policies, schemas, the registry."""
+        """The watched files: policies, schemas, the registry, and the limits if any."""
         f = self.files
-        return [f.policies_dir, f.schemas_dir, f.agents_file]
+        limits = [f.limits_file] if f.limits_file is not None else []
+        return [f.policies_dir, f.schemas_dir, f.agents_file, *limits]
 
     def _baseline(self) -> tuple[str, bool]:
         """(fingerprint, whether each part's content hash is the one in force)."""
@@ -203,6 +208,8 @@ class Reloader:
             (self.paths[1], c.schemas_revision),
             (self.paths[2], c.registry_revision),
         ]
+        if self.files.limits_file is not None:
+            pairs.append((self.files.limits_file, c.limits_revision))
         loaded = all(
             revision.partition("+sha256:")[2] == content_hash([path])[: len(short)]
             for path, revision in pairs
@@ -299,12 +306,14 @@ class Reloader:
             agents_file=s.agents_file,
             schemas_dir=s.schemas_dir,
             policies_dir=s.policies_dir,
+            limits_file=s.limits_file,
         )
         # On the loop thread: the engine will serve requests here (thread-bound).
         config = load_config(
             agents_file=s.agents_file,
             schemas_dir=s.schemas_dir,
             policies_dir=s.policies_dir,
+            limits_file=s.limits_file,
             revisions=revisions,
         )
         recent: list[dict[str, Any]] = []

@@ -20,8 +20,6 @@ import yaml
 
 from gateway.errors import SecretUnavailable
 
-SECRETS_FILE = "secrets.json"
-
 
 def read_secrets(path: Path) -> dict[str, str]:
     """The file's NAME -> value mapping; SecretUnavailable if unreadable, open to others,

@@ -1,8 +1,10 @@
 """Verification of the hash chain: recompute every link and name the record at fault.
 
 An edit, a deletion, an insertion or a reordering is each reported with the record it
-concerns. Pure: it reads records from any iterable, so SQLite, PostgreSQL or an export
-file can feed it.
+concerns; records cut from the end (``truncated``) are seen only against an expected count
+or head. Pure: it reads records from any iterable, so SQLite, PostgreSQL or an export
+file can feed it. A pruned log, its checkpoints and the hub's head witness are checked by
+``gateway.decisionlog.checkpoint.verify_log``, which calls ``verify_chain`` on the rest.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from gateway.decisionlog.records import (
     GENESIS_HASH,
@@ -22,17 +24,26 @@ from gateway.decisionlog.records import (
     record_to_json,
 )
 
-ProblemKind = Literal["edited", "deleted", "inserted", "reordered"]
+ProblemKind = Literal["edited", "deleted", "inserted", "reordered", "truncated"]
+PROBLEM_KINDS: tuple[str, ...] = get_args(ProblemKind)
 
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """The outcome of ``verify_chain``; ``problems`` are in log order."""
+    """The outcome of ``verify_chain``; ``problems`` are in log order.
+
+    ``start_seq`` is the first seq the chain was checked from (1, or the record after the
+    last checkpoint); ``checkpoint`` the last prune's checkpoint, ``witness`` the head and
+    count the hub recorded (``verify_log`` fills them; None when there is none).
+    """
 
     ok: bool
     checked: int
     problems: list[dict[str, Any]] = field(default_factory=list)
     head: str = GENESIS_HASH
+    start_seq: int = 1
+    checkpoint: dict[str, Any] | None = None
+    witness: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The report as a JSON-able dict."""
@@ -170,6 +181,7 @@ class _Check:
         self.genuine: list[int] = []  # positions of the records not inserted
         self.seq_to_pos: dict[int, int] = {}
         self.in_order: set[int] = set()
+        self.truncated = False
 
     def report(self, pos: int, r: DecisionRecord | None, kind: ProblemKind, message: str) -> None:
         self.problems.append(
@@ -387,7 +399,7 @@ class _Check:
 
     # -- 5. the end of the log, against what the caller knows independently
 
-    def check_count(self, expected_count: int) -> None:
+    def check_count(self, expected_count: int, expected_head: str | None) -> None:
         """Records cut from or appended to the end, against the expected count."""
         recs, seq_to_pos = self.recs, self.seq_to_pos
         max_seq = max(seq_to_pos) if seq_to_pos else self.start_seq - 1
@@ -396,10 +408,12 @@ class _Check:
             self.report(
                 len(recs),
                 None,
-                "deleted",
+                "truncated",
                 f"the log ends at seq {max_seq} but {expected_count} records were expected: "
                 f"{_seq_range(max_seq + 1, want_last)} deleted from the end",
             )
+            self.problems[-1][1].update(expected_count=expected_count, expected_head=expected_head)
+            self.truncated = True
         elif max_seq > want_last:
             self.report(
                 seq_to_pos[max_seq],
@@ -423,7 +437,7 @@ class _Check:
                 f"the expected head {_short(expected_head)} is seq {recs[at].seq}: "
                 f"the records after it were appended",
             )
-        else:
+        elif not self.truncated:  # else the truncation already names the expected head
             last = recs[self.genuine[-1]] if self.genuine else None
             self.report(
                 len(recs),
@@ -444,8 +458,10 @@ def verify_chain(
 ) -> VerifyReport:
     """Check a chain given in log order and name every edited, deleted, inserted or moved record.
 
-    ``expected_count`` / ``expected_head`` (from the hub's own counter) also catch records
-    cut from or appended to the end; ``genesis`` / ``start_seq`` verify a slice of the log.
+    ``expected_count`` (records from ``start_seq`` on) / ``expected_head`` (from the hub's
+    own witness, or from outside) also catch records cut from the end (``truncated``) or
+    appended to it; ``genesis`` / ``start_seq`` verify a slice of the log (after a checkpoint,
+    or an export).
     """
     check = _Check(genesis, start_seq)
     check.parse(records)
@@ -454,7 +470,7 @@ def verify_chain(
     check.find_reorderings()
     check.check_links()
     if expected_count is not None:
-        check.check_count(expected_count)
+        check.check_count(expected_count, expected_head)
     head = check.recs[-1].hash if check.recs else genesis
     if expected_head is not None:
         check.check_head(expected_head, head)
@@ -465,4 +481,5 @@ def verify_chain(
         checked=len(check.recs),
         problems=[p for _, p in check.problems],
         head=head,
+        start_seq=start_seq,
     )

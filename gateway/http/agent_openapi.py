@@ -133,7 +133,13 @@ def agent_paths(max_wait_s: float) -> dict[str, Any]:
                         "query",
                         {"type": "number", "minimum": 0, "maximum": max_wait_s},
                         f"delegate: seconds to wait for the child task (at most {max_wait_s:g})",
-                    )
+                    ),
+                    param(
+                        "Idempotency-Key",
+                        "header",
+                        {"type": "string", "minLength": 1, "maxLength": 255},
+                        "delegate: the same key and body from the same task give the same child",
+                    ),
                 ],
                 errors=[404, 409, 502, 504],
                 agent_route=True,

@@ -90,7 +90,12 @@ async def post_message(request: web.Request) -> web.Response:
     # Only a delegation (a child task) records where its request came from.
     delegate = isinstance(body, dict) and body.get("type") == "delegate"
     info = _request_info(request) if delegate else None
-    routed = await hub.messages.send(sender, body, wait_s=wait, request=info)
+    idem = request.headers.get("Idempotency-Key")
+    if idem is not None and not 1 <= len(idem) <= 255:
+        raise BadRequest("Idempotency-Key must be 1 to 255 characters")
+    routed = await hub.messages.send(
+        sender, body, wait_s=wait, request=info, idempotency_key=idem if delegate else None
+    )
     if isinstance(routed, Delegated):
         # 200 once the child has ended (within the wait), else 202: poll its Location.
         return web.json_response(

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import ConfigError, InvalidToken, Unauthorized
+from gateway.errors import ConfigError, Degraded, InvalidToken, RevokedToken, Unauthorized
 from gateway.identity.svid import IssuedSvid, SvidIssuer, TokenVerifier, VerifiedIdentity
 from gateway.logs import get_logger
 
@@ -25,12 +25,20 @@ SVID_ENV = "AGENT_SVID"
 class AgentIdentities:
     """One issuer (this hub's trust domain) and one verifier (it plus extra bundles)."""
 
-    def __init__(self, issuer: SvidIssuer, verifier: TokenVerifier, *, ttl_s: int = 300) -> None:
+    def __init__(
+        self,
+        issuer: SvidIssuer,
+        verifier: TokenVerifier,
+        *,
+        ttl_s: int = 300,
+        recovering: Callable[[], bool] | None = None,
+    ) -> None:
         if not 0 < ttl_s <= issuer.max_ttl_s:
             raise ValueError(f"ttl_s must be in 1..{issuer.max_ttl_s}")
         self.issuer = issuer
         self.verifier = verifier
         self.ttl_s = ttl_s
+        self._recovering = recovering
 
     @classmethod
     def create(
@@ -42,8 +50,12 @@ class AgentIdentities:
         ttl_s: int,
         bundles: tuple[tuple[str, Path], ...] = (),
         is_active: Callable[[str], bool] | None = None,
+        recovering: Callable[[], bool] | None = None,
     ) -> AgentIdentities:
-        """Load (or make) the signing key under ``state_dir`` and trust the extra bundles."""
+        """Load (or make) the signing key under ``state_dir`` and trust the extra bundles.
+
+        ``recovering()`` is true until the hub has re-attached the containers of its last run.
+        """
         issuer = SvidIssuer(Path(state_dir) / KEY_DIR, trust_domain, audience)
         verifier = TokenVerifier(audience, is_instance_active=is_active)
         verifier.track_issuer(issuer)
@@ -54,7 +66,7 @@ class AgentIdentities:
                     f"trust bundle for {domain!r} is the hub's own trust domain", location=str(path)
                 )
             verifier.load_bundle_file(Path(path), domain)
-        return cls(issuer, verifier, ttl_s=ttl_s)
+        return cls(issuer, verifier, ttl_s=ttl_s, recovering=recovering)
 
     @property
     def trust_domain(self) -> str:
@@ -66,10 +78,22 @@ class AgentIdentities:
         return svid.spiffe_id, {SVID_ENV: svid.token}
 
     def verify(self, token: str | None) -> VerifiedIdentity:
-        """The verified identity in ``token``; an Unauthorized subclass otherwise."""
+        """The verified identity in ``token``; an Unauthorized subclass otherwise.
+
+        Degraded (503, retry) instead of RevokedToken while the hub is recovering: the
+        token's container may be one about to be re-attached.
+        """
         if not token:
             raise Unauthorized("no token was presented (send 'Authorization: Bearer <JWT-SVID>')")
-        return self.verifier.verify(token)
+        try:
+            return self.verifier.verify(token)
+        except RevokedToken:
+            if self._recovering is not None and self._recovering():
+                raise Degraded(
+                    "the hub is re-attaching the containers of its last run; retry",
+                    headers={"Retry-After": "2"},
+                ) from None
+            raise
 
     def is_local(self, ident: VerifiedIdentity) -> bool:
         """Whether this hub minted the token (for one of its containers)."""

@@ -160,6 +160,9 @@ class ApiAuthorizer:
                 subject=subject.id if subject is not None else None,
                 agent=resource.get("agent") or resource.get("name"),
                 task_id=resource.get("id") if resource.get("kind") == "task" else None,
+                # A read changes nothing: its caller need not wait for the record to be
+                # durable. Denials and changes are durable before the answer.
+                durable=not (decision.allow and is_read),
             )
         except StoreUnavailable as e:
             # A change the log cannot record does not happen (fail closed). A denial stays a

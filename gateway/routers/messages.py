@@ -164,8 +164,13 @@ class MessageRouter:
         *,
         wait_s: float | None = None,
         request: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> Routed:
-        """Route one message; return its outcome, or raise a GatewayError."""
+        """Route one message; return its outcome, or raise a GatewayError.
+
+        A delegation sent again with the same ``idempotency_key`` by the same task (an agent
+        retrying across a hub restart) gets the child task the first one created.
+        """
         config = self._config()
         config.schemas.validate(MESSAGE_SCHEMA, envelope, what="message")
         kind_schema = KINDS_DIR + envelope["kind"] + ".json"
@@ -187,7 +192,9 @@ class MessageRouter:
                 return await self._event(config, sender, envelope)
             if kind == "broadcast":
                 return await self._broadcast(config, sender, envelope)
-            return await self._delegate(config, sender, envelope, wait_s, request or {})
+            return await self._delegate(
+                config, sender, envelope, wait_s, request or {}, idempotency_key
+            )
 
     async def _request(self, config: Config, sender: Sender, envelope: dict[str, Any]) -> Replied:
         target = config.registry.get(envelope["to"])
@@ -284,6 +291,7 @@ class MessageRouter:
         envelope: dict[str, Any],
         wait_s: float | None,
         request: dict[str, Any],
+        idempotency_key: str | None = None,
     ) -> Delegated:
         target = config.registry.get(envelope["to"])
         parent = sender.instance
@@ -319,7 +327,14 @@ class MessageRouter:
             task_envelope["timeout_s"] = payload["timeout_s"]
         # On behalf of the user who submitted the root task: delegation never adds roles.
         task, _ = await self.tasks.submit(
-            parent.subject, task_envelope, request=request, parent=parent
+            parent.subject,
+            task_envelope,
+            request=request,
+            parent=parent,
+            # Scoped to the parent task: the key is the agent's, the subject the root's.
+            idempotency_key=f"delegate:{parent.task_id}:{idempotency_key}"
+            if idempotency_key
+            else None,
         )
         log.info(
             "delegated",

@@ -10,8 +10,9 @@ Runs once when the hub starts, after config is loaded and before new work is acc
                                               else ``failed``
 - its agent is no longer in the registry    -> ``failed``
 
-Containers labelled with this hub's id that no unfinished task owns are orphans: alerted,
-then removed. The same scan runs periodically (``gateway.health.monitor``).
+Containers labelled with this hub's id that no unfinished task owns (or a second one of a
+task) are orphans: alerted, then removed. The same scan runs periodically
+(``gateway.health.monitor``).
 """
 
 from __future__ import annotations
@@ -71,12 +72,13 @@ async def recover(
     started = time.perf_counter()
     report = RecoveryReport()
     containers = await backend.list_managed(hub_id)
-    by_task: dict[str, dict[str, Any]] = {}
+    by_task: dict[str, list[dict[str, Any]]] = {}
     for c in containers:
-        by_task.setdefault(c["labels"].get(LABEL_TASK, ""), c)
+        by_task.setdefault(c["labels"].get(LABEL_TASK, ""), []).append(c)
     now = time.time()
+    spares: list[dict[str, Any]] = []
     for task in await store.active_tasks():
-        container = by_task.pop(task.id, None)
+        container = _pick(task.container_id, by_task.pop(task.id, []), spares)
         agent = registry.agents.get(task.agent)
         if task.deadline <= now:
             await router.end(
@@ -99,7 +101,7 @@ async def recover(
                 await _remove(backend, container)
             continue
         if container is not None and container.get("state") == "running":
-            router.reattach(task, agent, container["id"])
+            await router.reattach(task, agent, container["id"])
             report.reattached.append(task.id)
             continue
         if container is not None:
@@ -123,7 +125,7 @@ async def recover(
         )
         await router.redispatch(task, agent, reason)
         report.redispatched.append(task.id)
-    for orphan in by_task.values():
+    for orphan in [c for group in by_task.values() for c in group] + spares:
         report.orphans.append(orphan["name"])
         alerts.raise_alert(
             "orphan_container",
@@ -134,6 +136,23 @@ async def recover(
     report.seconds = time.perf_counter() - started
     log.info("recovery done", extra=report.to_json())
     return report
+
+
+def _pick(
+    recorded: str | None, found: list[dict[str, Any]], spares: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """The task's container among those labelled with it; the others go to ``spares``.
+
+    A hub killed while the engine was creating a container can leave a second one for a
+    task it then re-dispatched: the recorded one wins, then a running one, then the newest.
+    """
+    if not found:
+        return None
+    found.sort(
+        key=lambda c: (c["id"] == recorded, c.get("state") == "running", c.get("created") or 0)
+    )
+    spares.extend(found[:-1])
+    return found[-1]
 
 
 async def _remove(backend: ContainerBackend, container: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ from gateway.agents import Accepted, AgentClient, AgentReplyError
 from gateway.agents.instances import Instance, InstanceRegistry, LineageEntry
 from gateway.bundle.config import TASK_SCHEMA, Config
 from gateway.bundle.registry import AgentSpec
+from gateway.clock import iso_utc
 from gateway.containers.backend import ContainerBackend, ContainerHandle
 from gateway.containers.guardrails import build_spec
 from gateway.decisionlog.masking import SecretPointers
@@ -35,6 +36,7 @@ from gateway.errors import (
     SchemaViolation,
 )
 from gateway.identity.apikeys import Subject
+from gateway.limits.quotas import SubjectQuotas
 from gateway.logs import bound, get_logger
 from gateway.policy.engine import DISPATCH_QUERY, Decision
 from gateway.store import ACTIVE_STATES, Store, Task
@@ -58,8 +60,9 @@ class DecisionSink(Protocol):
         agent: str | None,
         task_id: str | None,
         secret_pointers: list[str] | None = None,
+        durable: bool = True,
     ) -> str:
-        """Write one decision; return its id."""
+        """Write one decision; return its id (once durable, unless ``durable`` is False)."""
         ...
 
 
@@ -71,6 +74,7 @@ class RouterOptions:
     ttl_grace_s: int = 60
     max_running: int = 16
     ready_timeout_s: float = 20.0
+    idempotency_ttl_s: float | None = None  # None: Idempotency-Keys never expire
 
 
 def request_hash(envelope: Any) -> str:
@@ -107,6 +111,8 @@ class TaskRouter:
         self.options = options
         self._can_dispatch = can_dispatch
         self._slots = asyncio.Semaphore(options.max_running)
+        # Each subject's pending and running tasks, and its ``running`` quota (limits.yaml).
+        self.quotas = SubjectQuotas()
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._done: dict[str, asyncio.Event] = {}
         self._removals: set[asyncio.Task[None]] = set()
@@ -137,8 +143,11 @@ class TaskRouter:
         config = self._config()
         config.schemas.validate(TASK_SCHEMA, envelope, what="task")
         req_hash = request_hash(envelope)
+        keys_since = self._keys_since()
         if idempotency_key is not None:
-            existing = await self.store.task_for_key(subject.id, idempotency_key, req_hash)
+            existing = await self.store.task_for_key(
+                subject.id, idempotency_key, req_hash, since=keys_since
+            )
             if existing is not None:
                 return existing, False
         reason = self._can_dispatch()
@@ -178,7 +187,7 @@ class TaskRouter:
                 "parent_id": parent.task_id if parent else None,
             }
             idem = (subject.id, idempotency_key, req_hash) if idempotency_key else None
-            task, created = await self.store.create_task(row, idem)
+            task, created = await self.store.create_task(row, idem, keys_since=keys_since)
             if created:
                 lineage = parent.child_lineage() if parent else ()
                 self._accepted_under[task_id] = config
@@ -186,6 +195,11 @@ class TaskRouter:
             return task, created
         assert first_error is not None
         raise first_error
+
+    def _keys_since(self) -> str | None:
+        """When the oldest Idempotency-Key still in force was recorded (RFC 3339)."""
+        ttl = self.options.idempotency_ttl_s
+        return iso_utc(time.time() - ttl) if ttl is not None else None
 
     async def _decide(
         self,
@@ -276,18 +290,49 @@ class TaskRouter:
         *,
         subject: Subject | None = None,
         lineage: tuple[LineageEntry, ...] | None = None,
+        instance: Instance | None = None,
     ) -> None:
         self._done[task.id] = asyncio.Event()
         runner = asyncio.create_task(
-            self._run(task, agent, sandbox, attach_to, subject=subject, lineage=lineage),
+            self._run(
+                task,
+                agent,
+                sandbox,
+                attach_to,
+                subject=subject,
+                lineage=lineage,
+                instance=instance,
+            ),
             name=f"task-{task.id}",
         )
         self._runners[task.id] = runner
-        runner.add_done_callback(lambda _: self._forget(task.id))
+        self.quotas.enter(task.id, task.subject or "")
+        runner.add_done_callback(lambda _: self._forget(task.id, instance))
 
-    def _forget(self, task_id: str) -> None:
+    def _forget(self, task_id: str, opened: Instance | None = None) -> None:
         self._runners.pop(task_id, None)
         self._accepted_under.pop(task_id, None)
+        self.quotas.leave(task_id)
+        if (
+            opened is not None
+            and not self._detaching
+            and self.instances.get(opened.instance_id) is opened
+        ):
+            # A runner cancelled before its first step never reached its ``finally``: the
+            # instance opened for it (by reattach) must not outlive it.
+            self._reports.pop(task_id, None)
+            self.instances.close(opened)
+
+    def _expect_report(self, task_id: str) -> asyncio.Future[Any]:
+        """The future a reported result of ``task_id`` goes to, made once per run.
+
+        Made before the container starts (or is re-attached), so a report that arrives
+        before the task is handed over (again) waits for the runner instead of being refused.
+        """
+        report = self._reports.get(task_id)
+        if report is None:
+            report = self._reports[task_id] = asyncio.get_running_loop().create_future()
+        return report
 
     async def _run(
         self,
@@ -298,15 +343,16 @@ class TaskRouter:
         *,
         subject: Subject | None = None,
         lineage: tuple[LineageEntry, ...] | None = None,
+        instance: Instance | None = None,
     ) -> None:
         """Drive one task to a terminal state; ``attach_to`` resumes in a running container.
 
         Without ``subject`` and ``lineage`` (a task resumed after a restart) both are
         restored: the submitter's current roles from the keys file, the lineage from the store.
+        ``instance`` is one ``reattach`` opened already (its container holds the token).
         """
         task_id = task.id
         handle: ContainerHandle | None = None
-        instance: Instance | None = None
         start = time.monotonic()
         timeout_s = float(task.timeout_s)
         with bound(task_id=task_id, decision_id=task.decision_id, agent=agent.name):
@@ -319,17 +365,22 @@ class TaskRouter:
                         LineageEntry(tid, name) for tid, name in await self.store.ancestors(task_id)
                     )
                 async with asyncio.timeout(max(0.0, task.deadline - time.time())):
-                    async with self._slots:
+                    # A re-attached container runs already; a delegated child's parent
+                    # holds a slot and waits for it: neither waits for the subject's quota.
+                    bypass = attach_to is not None or task.parent_id is not None
+                    async with self.quotas.slot(task_id, subject, self._slots, bypass=bypass):
                         # The identity exists before the container, so the container starts
                         # with its token (a re-attached one keeps its own); closing the
                         # instance revokes it.
-                        instance = self.instances.open(
-                            agent=agent.name,
-                            task_id=task_id,
-                            subject=subject,
-                            lineage=lineage,
-                            instance_id=task.instance_id if attach_to else None,
-                        )
+                        if instance is None:
+                            instance = self.instances.open(
+                                agent=agent.name,
+                                task_id=task_id,
+                                subject=subject,
+                                lineage=lineage,
+                                instance_id=task.instance_id if attach_to else None,
+                            )
+                        self._expect_report(task_id)
                         if attach_to is not None:
                             handle = await self.backend.attach(attach_to, agent.port)
                             # The crash may have come before the id was recorded.
@@ -338,13 +389,18 @@ class TaskRouter:
                             )
                         else:
                             spec = self._spec(agent, sandbox, task_id, timeout_s, instance.env)
-                            await self._move(task_id, "dispatched", ("pending",))
+                            # The instance id (bound into the token) is stored before the
+                            # container exists: a hub killed right after start() re-attaches
+                            # the container under the identity its token names.
+                            await self._move(
+                                task_id,
+                                "dispatched",
+                                ("pending",),
+                                instance_id=instance.instance_id,
+                            )
                             handle = await self.backend.start(spec)
                             await self.store.update_task(
-                                task_id,
-                                container_id=handle.id,
-                                container_name=handle.name,
-                                instance_id=instance.instance_id,
+                                task_id, container_id=handle.id, container_name=handle.name
                             )
                         await self.agents.wait_ready(handle, self.options.ready_timeout_s)
                         self.instances.ready(instance, handle)
@@ -397,7 +453,7 @@ class TaskRouter:
         task's deadline (the caller's timeout) bounds both.
         """
         task_id = task.id
-        report = self._reports[task_id] = asyncio.get_running_loop().create_future()
+        report = self._expect_report(task_id)
         post = asyncio.ensure_future(
             self.agents.post(
                 handle,
@@ -442,9 +498,11 @@ class TaskRouter:
             return
         await self._finish(task_id, "succeeded", result=output)
 
-    async def _move(self, task_id: str, state: str, allowed: tuple[str, ...]) -> None:
+    async def _move(
+        self, task_id: str, state: str, allowed: tuple[str, ...], **fields: Any
+    ) -> None:
         try:
-            await self.store.transition(task_id, state, allowed_from=allowed)
+            await self.store.transition(task_id, state, allowed_from=allowed, **fields)
         except InvalidState:
             # Someone (cancel) ended the task first; stop working on it.
             raise asyncio.CancelledError from None
@@ -507,11 +565,42 @@ class TaskRouter:
 
     # -- recovery after a restart
 
-    def reattach(self, task: Task, agent: AgentSpec, container_id: str) -> None:
+    async def reattach(self, task: Task, agent: AgentSpec, container_id: str) -> None:
         """Resume a task whose container still runs: hand the task over again (agents
-        answer a repeated task id with the one result) and record the outcome."""
+        answer a repeated task id with the one result) and record the outcome.
+
+        The instance is back in the registry, under the id the container's token names,
+        when this returns (before the hub listens): the container's calls verify at once,
+        and a result it reports again is taken.
+        """
         log.info("re-attaching", extra={"task_id": task.id, "container": container_id})
-        self._start_runner(task, agent, task.sandbox or {}, attach_to=container_id)
+        try:
+            subject = self._subjects(task.key_id, task.subject or "")
+            lineage = tuple(
+                LineageEntry(tid, name) for tid, name in await self.store.ancestors(task.id)
+            )
+        except Exception:
+            # The runner tries again, and fails the task with the reason if it cannot.
+            log.exception("could not restore the re-attached task's subject or lineage")
+            self._start_runner(task, agent, task.sandbox or {}, attach_to=container_id)
+            return
+        instance = self.instances.open(
+            agent=agent.name,
+            task_id=task.id,
+            subject=subject,
+            lineage=lineage,
+            instance_id=task.instance_id,
+        )
+        self._expect_report(task.id)
+        self._start_runner(
+            task,
+            agent,
+            task.sandbox or {},
+            attach_to=container_id,
+            subject=subject,
+            lineage=lineage,
+            instance=instance,
+        )
 
     async def redispatch(self, task: Task, agent: AgentSpec, reason: str) -> None:
         """Start a task again from pending (its container never ran it, or is gone)."""

@@ -17,7 +17,9 @@ The hub starts the container with ``AGENT_PORT``, ``AGENT_NAME``, ``AGENT_TASK_I
 ``GATEWAY_URL`` and ``AGENT_SVID`` (its JWT-SVID) in its environment; ``ctx.client`` (a
 ``GatewayClient``) uses the last two to send messages, delegate and report results.
 ``@agent.message`` answers messages routed by the hub; ``@agent.background_task`` answers
-``POST /task`` with 202 at once and reports the result when the function returns.
+``POST /task`` with 202 at once and reports the result when the function returns, again and
+again until the hub acknowledges it or the task's deadline passes (so a hub restart loses
+no result; ``GatewayClient.report`` lists which answers end the retries).
 ``python3 agent.py --once`` reads one task input (JSON) from stdin and prints the output,
 which is how the benchmark runs the same work without the hub.
 """
@@ -38,6 +40,8 @@ from typing import Any
 from gateway.sdk.client import GatewayClient, HubError
 
 MAX_BODY = 8 * 1024 * 1024
+# How long a result is offered to the hub when the task came without a deadline.
+REPORT_WITHOUT_DEADLINE_S = 300.0
 TaskHandler = Callable[[Any, "TaskContext"], Any]
 MessageHandler = Callable[[dict[str, Any], "TaskContext"], Any]
 
@@ -172,19 +176,19 @@ class Agent:
         status, result = _call(
             lambda: {"output": self._task(body.get("input"), self.context(body))}
         )
-        for attempt in range(5):
-            try:
-                if status == 200:
-                    self.client.report_result(task_id, result["output"])
-                else:
-                    err = result["error"]
-                    self.client.report_error(task_id, err["code"], err["message"])
-                break
-            except HubError as e:
-                if e.status not in (0, 502, 503) or attempt == 4:
-                    print(f"reporting task {task_id} failed: {e}", file=sys.stderr)
-                    break
-                time.sleep(0.5 * (attempt + 1))
+        deadline = body.get("deadline")
+        if not isinstance(deadline, int | float):
+            deadline = time.time() + REPORT_WITHOUT_DEADLINE_S
+        try:
+            # Repeated until the hub acknowledges it (GatewayClient.report): a hub that
+            # restarts meanwhile re-attaches this container and takes the result then.
+            if status == 200:
+                self.client.report_result(task_id, result["output"], deadline=deadline)
+            else:
+                err = result["error"]
+                self.client.report_error(task_id, err["code"], err["message"], deadline=deadline)
+        except HubError as e:
+            print(f"reporting task {task_id} failed: {e}", file=sys.stderr)
         with self._lock:
             self._results[task_id] = (202, {"accepted": True, "task_id": task_id})
             event = self._running.pop(task_id, None)

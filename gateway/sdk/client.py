@@ -12,22 +12,37 @@ from the environment, and the token is renewed by itself shortly before it expir
     output = hub.delegate("wordstats", {"text": "a part of a document"})
 
 Every failure the hub reports raises ``HubError`` with its status, code and message.
+
+Calls that are safe to repeat are retried on a transient failure (``is_transient``: no
+answer, 408, 425, 429 or 5xx, e.g. a hub restarting), with backoff: a delegation (it carries
+an ``Idempotency-Key``, so a repeat gets the same child task) for up to ``retry_s``, polling
+a task until its wait ends, and a reported result until the task's deadline. Requests,
+events and broadcasts are sent once: a repeat could be handled twice.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import http.client
 import json
 import os
+import random
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping
-from typing import Any
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 30.0
 POLL_S = 25.0  # below the hub's default max_wait_s of 60
+DEFAULT_RETRY_S = 30.0
+# Statuses that say "not now" rather than "never": worth the same call again later.
+TRANSIENT_STATUSES = frozenset({0, 408, 425, 429})  # and every 5xx
+TERMINAL_STATES = frozenset({"succeeded", "failed", "timed_out", "cancelled"})
 # A reused keep-alive connection the server closed meanwhile fails with one of these before
 # any byte of a response: safe to send again on a fresh connection.
 _STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
@@ -43,6 +58,7 @@ class HubError(Exception):
         message: str,
         details: Any = None,
         decision_id: str | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
@@ -50,6 +66,31 @@ class HubError(Exception):
         self.message = message
         self.details = details
         self.decision_id = decision_id
+        self.retry_after_s = retry_after_s  # the hub's Retry-After, if it sent one
+
+
+def is_transient(error: HubError) -> bool:
+    """Whether the same call may succeed later (no answer, 408, 425, 429, 5xx)."""
+    return error.status in TRANSIENT_STATUSES or error.status >= 500
+
+
+def retry_until(
+    call: Callable[[], T], until: float, *, first_s: float = 0.2, max_s: float = 3.0
+) -> T:
+    """``call()`` until it returns, raises a non-transient HubError or ``until`` (epoch s)
+    passes (then its last error); backoff doubles from ``first_s`` up to ``max_s``."""
+    pause = first_s
+    while True:
+        try:
+            return call()
+        except HubError as e:
+            left = until - time.time()
+            if not is_transient(e) or left <= 0:
+                raise
+            wait = e.retry_after_s if e.retry_after_s is not None else pause
+            # Jitter, so agents cut off by the same restart do not come back in step.
+            time.sleep(max(0.01, min(left, wait * random.uniform(0.75, 1.25))))
+            pause = min(max_s, pause * 2)
 
 
 def token_expiry(token: str) -> float | None:
@@ -74,12 +115,14 @@ class GatewayClient:
         env: Mapping[str, str] | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         renew_before_s: float = 60.0,
+        retry_s: float = DEFAULT_RETRY_S,
     ) -> None:
         env = os.environ if env is None else env
         self.url = (url or env.get("GATEWAY_URL") or "").rstrip("/")
         self._token = token or env.get("AGENT_SVID") or ""
         self.timeout_s = timeout_s
         self.renew_before_s = renew_before_s
+        self.retry_s = retry_s
         self._local = threading.local()
         self._lock = threading.Lock()
 
@@ -141,29 +184,51 @@ class GatewayClient:
         return task["result"]
 
     def start_delegate(
-        self, to: str, input: Any, *, timeout_s: float | None = None, wait_s: float = 0
+        self,
+        to: str,
+        input: Any,
+        *,
+        timeout_s: float | None = None,
+        wait_s: float = 0,
+        idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        """Create a child task on agent ``to``; return its view (finished if within wait_s)."""
+        """Create a child task on agent ``to``; return its view (finished if within wait_s).
+
+        Retried on a transient failure for up to ``retry_s`` under one ``idempotency_key``
+        (a fresh one unless given), so a hub restart mid-call makes no second child.
+        """
         payload: dict[str, Any] = {"input": input}
         if timeout_s is not None:
             payload["timeout_s"] = timeout_s
         query = f"?wait={wait_s:g}" if wait_s else ""
-        return self._call(
-            "POST",
-            "/v1/messages" + query,
-            _envelope("delegate", "task.delegate", payload, to=to),
-            timeout_s=wait_s + self.timeout_s,
-        )[1]
+        headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+        envelope = _envelope("delegate", "task.delegate", payload, to=to)
+        return retry_until(
+            lambda: self._call(
+                "POST",
+                "/v1/messages" + query,
+                envelope,
+                timeout_s=wait_s + self.timeout_s,
+                headers=headers,
+            )[1],
+            time.time() + self.retry_s,
+        )
 
     def wait_task(self, task: dict[str, Any] | str, wait_s: float) -> dict[str, Any]:
         """Poll a delegated task until it ends or ``wait_s`` passes; return its last view."""
         view = task if isinstance(task, dict) else {"task_id": task, "state": "pending"}
-        deadline = time.monotonic() + wait_s
+        deadline = time.time() + wait_s
         while view["state"] in ("pending", "dispatched", "running"):
-            left = deadline - time.monotonic()
+            left = deadline - time.time()
             if left <= 0:
                 break
-            view = self.task(view["task_id"], wait_s=min(left, POLL_S))
+            poll = functools.partial(self.task, view["task_id"], wait_s=min(left, POLL_S))
+            try:
+                view = retry_until(poll, deadline)
+            except HubError as e:
+                if not is_transient(e):
+                    raise
+                break  # the hub stayed away until the wait ended: the last view stands
         return view
 
     def task(self, task_id: str, *, wait_s: float | None = None) -> dict[str, Any]:
@@ -172,15 +237,61 @@ class GatewayClient:
         path = f"/v1/tasks/{urllib.parse.quote(task_id, safe='')}{query}"
         return self._call("GET", path, None, timeout_s=(wait_s or 0) + self.timeout_s)[1]
 
-    def report_result(self, task_id: str, output: Any) -> dict[str, Any]:
-        """Report the output of a task this agent answered 202 to."""
-        path = f"/v1/tasks/{urllib.parse.quote(task_id, safe='')}/result"
-        return self._call("POST", path, {"output": output})[1]
+    def report_result(
+        self, task_id: str, output: Any, *, deadline: float | None = None
+    ) -> dict[str, Any]:
+        """Report the output of a task this agent answered 202 to.
 
-    def report_error(self, task_id: str, code: str, message: str) -> dict[str, Any]:
-        """Report that a task this agent answered 202 to failed."""
+        With ``deadline`` (epoch seconds; the task's) the report is repeated until the hub
+        acknowledges it; see ``report``.
+        """
+        return self.report(task_id, {"output": output}, deadline=deadline)
+
+    def report_error(
+        self, task_id: str, code: str, message: str, *, deadline: float | None = None
+    ) -> dict[str, Any]:
+        """Report that a task this agent answered 202 to failed (``deadline``: as above)."""
+        body = {"error": {"code": code, "message": message}}
+        return self.report(task_id, body, deadline=deadline)
+
+    def report(
+        self, task_id: str, body: dict[str, Any], *, deadline: float | None = None
+    ) -> dict[str, Any]:
+        """POST ``{"output"}`` or ``{"error"}`` to ``/v1/tasks/{id}/result``; once without a
+        ``deadline``, else until acknowledged.
+
+        Acknowledged: a 2xx naming a terminal state, or a status that says the report will
+        never be taken (400 malformed or off-schema, 401 token refused: the hub no longer
+        runs this task, 403 not this container's task, 404, 409 the task ended or has its
+        result, 413, 422); HubError then. Repeated, with backoff, until ``deadline``: no
+        answer, 408, 425, 429, 5xx (503 while a restarted hub re-attaches its containers),
+        and a 2xx whose state is not terminal yet (the hub took the report but had not
+        recorded it: the repeat is refused 409 by that hub, taken by a restarted one). The
+        hub records one result per task, so a repeat cannot end a task twice.
+        """
         path = f"/v1/tasks/{urllib.parse.quote(task_id, safe='')}/result"
-        return self._call("POST", path, {"error": {"code": code, "message": message}})[1]
+        if deadline is None:
+            return self._call("POST", path, body)[1]
+        taken: list[dict[str, Any]] = []  # the last 2xx answer, once there is one
+
+        def once() -> dict[str, Any]:
+            try:
+                doc = self._call("POST", path, body, timeout_s=self._left(deadline))[1]
+            except HubError as e:
+                if taken and not is_transient(e):
+                    return taken[-1]  # the hub that took it refuses a repeat: it is its now
+                raise
+            taken.append(doc if isinstance(doc, dict) else {})
+            if taken[-1].get("state") not in TERMINAL_STATES:
+                raise HubError(0, "not_recorded", f"task {task_id} is {taken[-1].get('state')}")
+            return taken[-1]
+
+        try:
+            return retry_until(once, deadline)
+        except HubError:
+            if taken:
+                return taken[-1]  # taken, but not known to be recorded by the deadline
+            raise
 
     def renew(self) -> str:
         """Exchange the current token for a fresh one now; return it."""
@@ -193,6 +304,10 @@ class GatewayClient:
         return self._call("GET", "/v1/identity/bundle", None, auth=False)[1]
 
     # -- plumbing
+
+    def _left(self, deadline: float) -> float:
+        """One call's timeout: the usual one, but no longer than until ``deadline``."""
+        return max(1.0, min(self.timeout_s, deadline - time.time()))
 
     def _renew(self, token: str) -> str:
         return str(self._call("POST", "/v1/identity/renew", None, token=token)[1]["token"])
@@ -225,8 +340,9 @@ class GatewayClient:
         timeout_s: float | None = None,
         token: str | None = None,
         auth: bool = True,
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[int, Any]:
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", **(headers or {})}
         if auth:
             headers["Authorization"] = f"Bearer {token or self.token}"
         data = None
@@ -267,8 +383,16 @@ class GatewayClient:
                 str(err.get("message", resp.reason)),
                 err.get("details"),
                 err.get("decision_id"),
+                _seconds(resp.getheader("Retry-After")),
             )
         return resp.status, doc
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None  # an HTTP date: the caller's own backoff is as good
 
 
 def _envelope(kind_of: str, kind: str, payload: Any, **fields: Any) -> dict[str, Any]:

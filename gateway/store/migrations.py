@@ -113,11 +113,45 @@ def _m004_task_key_id(db: sqlite_utils.Database) -> None:
     db["tasks"].add_column("key_id", str)
 
 
+def _m005_decision_heads_and_checkpoints(db: sqlite_utils.Database) -> None:
+    # The head witness: the seq and hash of the last decision the hub appended, updated in
+    # the transaction of each append, so that verify can see a cut tail. One row.
+    db.execute(
+        "CREATE TABLE decision_heads (id INTEGER PRIMARY KEY CHECK (id = 1), "
+        "head_seq INTEGER NOT NULL, head_hash TEXT NOT NULL)"
+    )
+    last = db.execute("SELECT seq, hash FROM decisions ORDER BY seq DESC LIMIT 1").fetchone()
+    # 64 zeros: the chain's genesis hash (gateway.decisionlog.records.GENESIS_HASH), spelt
+    # here because the store does not import the decision log.
+    db.execute(
+        "INSERT INTO decision_heads VALUES (1, ?, ?)",
+        [last[0], last[1]] if last else [0, "0" * 64],
+    )
+    # What each prune removed (gateway.decisionlog.checkpoint), oldest first.
+    db["decision_checkpoints"].create(
+        {
+            "id": int,
+            "first_seq": int,
+            "through_seq": int,
+            "count": int,
+            "start_hash": str,
+            "head_hash": str,
+            "export_sha256": str,
+            "export_name": str,
+            "created_at": str,
+            "prev_hash": str,
+            "hash": str,
+        },
+        pk="id",
+    )
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_initial", _m001_initial),
     ("002_revisions_and_alerts", _m002_revisions_and_alerts),
     ("003_task_instance", _m003_task_instance),
     ("004_task_key_id", _m004_task_key_id),
+    ("005_decision_heads_and_checkpoints", _m005_decision_heads_and_checkpoints),
 ]
 
 

@@ -5,6 +5,11 @@ One writer thread owns the only writing connection and runs each write as one
 on a small pool of threads, each with its own connection; WAL mode lets them proceed while
 the writer writes. Schema changes are named, ordered migrations recorded in the same
 transaction that applies them.
+
+Durability: ``synchronous=FULL``, so a write acknowledged to its caller survives a power
+loss (NORMAL in WAL mode may lose the last commits); group commit shares each fsync among
+the writes of a batch. The state directory is 0700 and the database 0600, whatever the
+umask (SQLite gives its -wal and -shm files the database file's mode).
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import queue
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +42,50 @@ MAX_BATCH = 128
 TASK_JSON_FIELDS = ("input", "result", "error", "labels", "sandbox")
 
 
-def _connect(path: Path, *, readonly: bool = False) -> sqlite_utils.Database:
+SYNCHRONOUS = ("FULL", "NORMAL")
+
+
+def make_private(path: Path) -> None:
+    """Create (or tighten) ``path``'s directory to 0700 and the file at ``path`` to 0600,
+    whatever the umask, with any -wal and -shm files beside it.
+
+    A mode that cannot be changed (a read-only volume) is logged, not raised: the store then
+    opens read-only and the hub starts degraded, as it would have anyway.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _tighten(path.parent, 0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError:
+        pass  # there already, or not creatable: then SQLite says why it cannot open it
+    else:
+        os.close(fd)
+    for each in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        _tighten(each, 0o600)
+
+
+def _tighten(path: Path, mode: int) -> None:
+    try:
+        current = stat.S_IMODE(path.stat().st_mode)
+        if current != mode:
+            os.chmod(path, mode)
+            if current & ~mode:
+                log.warning(
+                    "tightened permissions",
+                    extra={"path": str(path), "was": f"{current:04o}", "now": f"{mode:04o}"},
+                )
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning(
+            "cannot set permissions",
+            extra={"path": str(path), "mode": f"{mode:04o}", "error": str(e)},
+        )
+
+
+def _connect(
+    path: Path, *, readonly: bool = False, synchronous: str = "FULL"
+) -> sqlite_utils.Database:
     if readonly:
         conn = sqlite3.connect(
             f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
@@ -43,7 +93,8 @@ def _connect(path: Path, *, readonly: bool = False) -> sqlite_utils.Database:
     else:
         conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
+        # An acknowledged write must survive power loss (see the module docstring).
+        conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA busy_timeout=5000")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.row_factory = sqlite3.Row
@@ -67,16 +118,21 @@ def _settle(settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
 class Store:
     """Async facade over one SQLite file: a single writer thread plus reader threads."""
 
-    def __init__(self, path: Path, *, readers: int = 2) -> None:
+    def __init__(self, path: Path, *, readers: int = 2, synchronous: str = "FULL") -> None:
+        """Open (creating, private to this user) the database at ``path``; ``synchronous``
+        is FULL but for benchmarks that measure what it costs against NORMAL."""
+        if synchronous not in SYNCHRONOUS:
+            raise ValueError(f"synchronous: {synchronous!r} is not one of {SYNCHRONOUS}")
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._synchronous = synchronous
+        make_private(self.path)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._local = threading.local()
         # Every reader connection, so close() can close them: left to the garbage collector,
         # their file handles outlive the store (a volume then cannot be unmounted).
         self._reader_dbs: list[sqlite_utils.Database] = []
         self._reader_lock = threading.Lock()
-        setup = _connect(self.path)
+        setup = _connect(self.path, synchronous=synchronous)
         self.migrations_applied = migrate(setup)
         setup.close()
         self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
@@ -87,7 +143,7 @@ class Store:
     # -- plumbing
 
     def _write_loop(self) -> None:
-        db = _connect(self.path)
+        db = _connect(self.path, synchronous=self._synchronous)
         stopping = False
         while not stopping:
             item = self._queue.get()
@@ -201,19 +257,27 @@ class Store:
     # -- tasks
 
     async def create_task(
-        self, row: dict[str, Any], idempotency: tuple[str, str, str] | None = None
+        self,
+        row: dict[str, Any],
+        idempotency: tuple[str, str, str] | None = None,
+        *,
+        keys_since: str | None = None,
     ) -> tuple[Task, bool]:
         """Insert a pending task (and its idempotency key) atomically.
 
         Returns (task, created). With an idempotency key already used for the same request,
         returns the original task and False; for a different request, IdempotencyConflict.
+        A key recorded before ``keys_since`` (RFC 3339) has expired: it is used afresh.
         """
 
         def tx(db: sqlite_utils.Database) -> tuple[Task, bool]:
             if idempotency is not None:
-                existing = _task_of_key(db, *idempotency)
+                existing = _task_of_key(db, *idempotency, since=keys_since)
                 if existing is not None:
                     return _task_from_row(_select_task(db, existing)), False
+                db.execute(  # an expired key not pruned yet
+                    "DELETE FROM idempotency WHERE subject = ? AND key = ?", list(idempotency[:2])
+                )
             now = utcnow()
             record = {**row, "state": "pending", "created_at": now, "updated_at": now}
             for name in TASK_JSON_FIELDS:
@@ -235,14 +299,17 @@ class Store:
 
         return await self.write(tx)
 
-    async def task_for_key(self, subject: str, key: str, request_hash: str) -> Task | None:
+    async def task_for_key(
+        self, subject: str, key: str, request_hash: str, *, since: str | None = None
+    ) -> Task | None:
         """The task (with its history) an Idempotency-Key of ``subject`` already created.
 
-        None for a key not used yet; IdempotencyConflict when it was used for another request.
+        None for a key not used yet (or recorded before ``since``: expired);
+        IdempotencyConflict when it was used for another request.
         """
 
         def q(db: sqlite_utils.Database) -> Task | None:
-            task_id = _task_of_key(db, subject, key, request_hash)
+            task_id = _task_of_key(db, subject, key, request_hash, since=since)
             if task_id is None:
                 return None
             task = _task_with_history(db, task_id)
@@ -251,6 +318,17 @@ class Store:
             return task
 
         return await self.read(q)
+
+    async def prune_idempotency(self, before: str) -> int:
+        """Delete the Idempotency-Keys recorded before ``before`` (RFC 3339); how many went.
+
+        Their tasks stay; the keys no longer replay them and may be used again.
+        """
+
+        def tx(db: sqlite_utils.Database) -> int:
+            return db.execute("DELETE FROM idempotency WHERE created_at < ?", [before]).rowcount
+
+        return await self.write(tx)
 
     async def transition(
         self,
@@ -488,19 +566,22 @@ class Store:
         """Insert the row ``seal(seq, prev_hash)`` makes for the next seq; return that row.
 
         ``seal`` runs inside the write transaction that reads the chain head, so concurrent
-        appends cannot fork the chain. The first row is chained to ``genesis``.
+        appends cannot fork the chain. The first row is chained to ``genesis``. The head
+        witness (``decision_heads``) moves with the row, in the same transaction.
         """
 
         def tx(db: sqlite_utils.Database) -> dict[str, Any]:
-            last = db.execute(
-                "SELECT seq, hash FROM decisions ORDER BY seq DESC LIMIT 1"
-            ).fetchone()
-            row = seal(last["seq"] + 1, last["hash"]) if last else seal(1, genesis)
+            seq, prev_hash = _decision_head(db, genesis)
+            row = seal(seq + 1, prev_hash)
             # A plain INSERT: sqlite-utils' insert() introspects the table on every call,
             # which cost more than the rest of the write (bench/bench_messages.py).
             db.conn.execute(
                 f"INSERT INTO decisions ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                 list(row.values()),
+            )
+            db.conn.execute(
+                "INSERT OR REPLACE INTO decision_heads (id, head_seq, head_hash) VALUES (1, ?, ?)",
+                [row["seq"], row["hash"]],
             )
             return row
 
@@ -546,6 +627,134 @@ class Store:
             return consume(dict(row) for row in cursor)
 
         return await self.read(q)
+
+    async def read_decision_chain(
+        self,
+        consume: Callable[
+            [Iterator[dict[str, Any]], list[dict[str, Any]], dict[str, Any] | None], T
+        ],
+    ) -> T:
+        """``consume(rows, checkpoints, witness)`` on a reader thread, from one snapshot.
+
+        Rows as ``iter_decisions_raw`` gives them; checkpoints oldest first; the witness as
+        ``{"count", "head"}`` or None. One read transaction: a decision appended between
+        reading the witness and the rows would otherwise look like a cut or an append.
+        """
+
+        def q(db: sqlite_utils.Database) -> T:
+            db.conn.execute("BEGIN")
+            try:
+                checkpoints = [
+                    dict(r) for r in db.execute("SELECT * FROM decision_checkpoints ORDER BY id")
+                ]
+                head = db.execute(
+                    "SELECT head_seq, head_hash FROM decision_heads WHERE id = 1"
+                ).fetchone()
+                witness = None if head is None else {"count": head[0], "head": head[1]}
+                cursor = db.execute("SELECT * FROM decisions ORDER BY rowid")
+                return consume((dict(row) for row in cursor), checkpoints, witness)
+            finally:
+                db.conn.execute("COMMIT")
+
+        return await self.read(q)
+
+    async def decision_checkpoints(self) -> list[dict[str, Any]]:
+        """Every prune's checkpoint row, oldest first."""
+
+        def q(db: sqlite_utils.Database) -> list[dict[str, Any]]:
+            rows = db.execute("SELECT * FROM decision_checkpoints ORDER BY id").fetchall()
+            return [dict(r) for r in rows]
+
+        return await self.read(q)
+
+    async def decision_prune_point(self, *, before: int | None, until: str | None) -> int:
+        """The last seq a prune removes: the record before seq ``before``, or the last of the
+        oldest records whose timestamp is at most ``until`` (never one newer than that), at
+        most the newest record; 0 when the log is empty."""
+
+        def q(db: sqlite_utils.Database) -> int:
+            newest = db.execute("SELECT max(seq) FROM decisions").fetchone()[0] or 0
+            if before is not None:
+                return min(before - 1, newest)
+            first_newer = db.execute(
+                "SELECT min(seq) FROM decisions WHERE timestamp > ?", [until]
+            ).fetchone()[0]
+            return newest if first_newer is None else min(first_newer - 1, newest)
+
+        return await self.read(q)
+
+    async def iter_decisions_range(
+        self, first_seq: int, through_seq: int, consume: Callable[[Iterator[sqlite3.Row]], T]
+    ) -> T:
+        """``consume(rows)`` on a reader thread: the rows seq ``first_seq..through_seq`` by seq."""
+
+        def q(db: sqlite_utils.Database) -> T:
+            cursor = db.execute(
+                "SELECT * FROM decisions WHERE seq BETWEEN ? AND ? ORDER BY seq",
+                [first_seq, through_seq],
+            )
+            return consume(iter(cursor))
+
+        return await self.read(q)
+
+    async def prune_decisions(
+        self,
+        *,
+        first_seq: int,
+        through_seq: int,
+        head_hash: str,
+        last_checkpoint: str | None,
+        seal: Callable[[int, str], dict[str, Any]],
+        genesis: str,
+    ) -> dict[str, Any]:
+        """Delete the records seq ``first_seq..through_seq`` and insert the checkpoint row
+        ``seal(id, prev_hash)`` makes, in one transaction; return that row.
+
+        InvalidState, with nothing changed, unless the log is still as the export saw it:
+        the last checkpoint's hash ``last_checkpoint`` (None: no checkpoint), exactly those
+        records before ``through_seq`` and record ``through_seq`` with ``head_hash``.
+        """
+
+        def tx(db: sqlite_utils.Database) -> dict[str, Any]:
+            last = db.execute(
+                "SELECT id, hash FROM decision_checkpoints ORDER BY id DESC LIMIT 1"
+            ).fetchone()
+            if (last["hash"] if last else None) != last_checkpoint:
+                raise InvalidState("another prune ran meanwhile")
+            at = db.execute("SELECT hash FROM decisions WHERE seq = ?", [through_seq]).fetchone()
+            if at is None or at["hash"] != head_hash:
+                raise InvalidState(f"record seq {through_seq} changed meanwhile")
+            present = db.execute(
+                "SELECT count(*) FROM decisions WHERE seq <= ?", [through_seq]
+            ).fetchone()[0]
+            if present != through_seq - first_seq + 1:
+                raise InvalidState(f"the records up to seq {through_seq} changed meanwhile")
+            row = seal(last["id"] + 1, last["hash"]) if last else seal(1, genesis)
+            db.conn.execute(
+                f"INSERT INTO decision_checkpoints ({', '.join(row)}) "
+                f"VALUES ({', '.join('?' * len(row))})",
+                list(row.values()),
+            )
+            db.conn.execute("DELETE FROM decisions WHERE seq <= ?", [through_seq])
+            return row
+
+        return await self.write(tx)
+
+
+def _decision_head(db: sqlite_utils.Database, genesis: str) -> tuple[int, str]:
+    """(seq, hash) the next decision is chained to: the head witness, so that records cut
+    from the end stay a visible gap; the newest record if rows were added past the witness
+    (or it is missing), else the last checkpoint's head; (0, ``genesis``) for a new log."""
+    witness = db.execute("SELECT head_seq, head_hash FROM decision_heads WHERE id = 1").fetchone()
+    last = db.execute("SELECT seq, hash FROM decisions ORDER BY seq DESC LIMIT 1").fetchone()
+    if witness is not None and (last is None or witness[0] >= last[0]):
+        return int(witness[0]), str(witness[1])
+    if last is not None:
+        return int(last[0]), str(last[1])
+    cp = db.execute(
+        "SELECT through_seq, head_hash FROM decision_checkpoints ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+    return (int(cp[0]), str(cp[1])) if cp else (0, genesis)
 
 
 def _decision_conditions(
@@ -633,17 +842,23 @@ def _task_with_history(db: sqlite_utils.Database, task_id: str) -> Task | None:
 
 
 def _task_of_key(
-    db: sqlite_utils.Database, subject: str, key: str, request_hash: str
+    db: sqlite_utils.Database,
+    subject: str,
+    key: str,
+    request_hash: str,
+    *,
+    since: str | None = None,
 ) -> str | None:
-    """The id of the task ``subject``'s Idempotency-Key created, or None for a new key.
+    """The id of the task ``subject``'s Idempotency-Key created, or None for a new key (or
+    one recorded before ``since``, expired).
 
     IdempotencyConflict when the key was used for a request with another hash.
     """
     existing = db.execute(
-        "SELECT task_id, request_hash FROM idempotency WHERE subject = ? AND key = ?",
+        "SELECT task_id, request_hash, created_at FROM idempotency WHERE subject = ? AND key = ?",
         [subject, key],
     ).fetchone()
-    if existing is None:
+    if existing is None or (since is not None and existing["created_at"] < since):
         return None
     if existing["request_hash"] != request_hash:
         raise IdempotencyConflict(

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from gateway.http.app import create_app
+from gateway.http.app import HUB, create_app
 from tests.browser import Page, find_chromium, launch
-from tests.conftest import FakeBackend, auth, make_settings
+from tests.conftest import FakeBackend, make_settings, submit_through_router
 
 CODE_EVAL_DENIAL = 'capability "code.eval" requires one of the roles ["developer"]'
 # (key, body, allowed)
@@ -61,15 +61,16 @@ async def test_the_audit_page_in_chromium(
     aiohttp_server: Any,
     aiohttp_client: Any,
 ) -> None:
-    settings = make_settings(tmp_path, reload_poll_s=0)
+    # Allowed reads unlogged, tasks submitted past the HTTP door: the log holds the five
+    # dispatch decisions, then the API denials the page's callers cause.
+    settings = make_settings(tmp_path, reload_poll_s=0, log_api_reads=False)
     server = await aiohttp_server(create_app(settings, backend=FakeBackend()))
     client = await aiohttp_client(server)
     decided: list[str] = []
     for who, body, allowed in SUBMISSIONS:
-        resp = await client.post("/v1/tasks?wait=10", json=body, headers=auth(keys[who]))
-        answer = await resp.json()
-        assert (resp.status == 200) == allowed, answer
-        decided.append(answer["decision_id"] if allowed else answer["error"]["decision_id"])
+        decision_id, done = await submit_through_router(client.app[HUB], keys[who], body)
+        assert (done is not None) == allowed, (body, done)
+        decided.append(decision_id)
     url = str(server.make_url("/audit"))
 
     async with launch(chromium, tmp_path / "profile") as browser:
@@ -82,20 +83,30 @@ async def test_the_audit_page_in_chromium(
         # A key without the auditor role is refused, and the page says why.
         await sign_in(page, keys["user"])
         error = await page.wait_for("document.querySelector('#login-error').innerText")
-        assert error == "Refused (403 forbidden): this endpoint needs the 'auditor' role"
+        assert error == (
+            "Refused (403 forbidden): not allowed: "
+            'GET /v1/decisions needs one of the roles ["auditor"]'
+        )
         assert not await page.visible("#main")
         assert await page.eval("sessionStorage.length") == 0
 
-        # The auditor gets in: every decision, newest first, and the chain verified.
+        # The auditor gets in: every decision, newest first, and the chain verified; the
+        # newest is the API's denial of the user's attempt just now.
         await sign_in(page, keys["auditor"])
         await page.wait_for("!document.querySelector('#main').hidden")
-        await page.wait_for("document.querySelectorAll('#decisions tbody tr').length === 5")
-        assert [r["id"] for r in await rows(page)] == decided[::-1]
+        await page.wait_for("document.querySelectorAll('#decisions tbody tr').length === 6")
+        listed = await rows(page)
+        assert [r["id"] for r in listed[1:]] == decided[::-1]
+        assert listed[0]["verdict"] == "deny" and listed[0]["cells"][2:4] == ["api", "user"]
         chain = await page.wait_for(
             "document.querySelector('#chain').className !== 'chain pending'"
             " && document.querySelector('#chain').innerText"
         )
-        assert chain.startswith("Chain verified: 5 records")
+        assert chain.startswith("Chain verified: 6 records")
+        await page.select("#f-kind", "dispatch")
+        await page.click("#apply")
+        await page.wait_for("document.querySelectorAll('#decisions tbody tr').length === 5")
+        assert [r["id"] for r in await rows(page)] == decided[::-1]
         assert "policies in force" in await page.text("#revisions")
 
         # Filter to denials; then narrow to one subject.
@@ -153,7 +164,7 @@ async def test_the_audit_page_in_chromium(
             "document.querySelector('#chain').className === 'chain tampered'"
             " && document.querySelector('#chain').innerText"
         )
-        assert chain.startswith("Chain TAMPERED: 1 problem(s) in 5 records")
+        assert chain.startswith("Chain TAMPERED: 1 problem(s) in 6 records")
         problems = await page.text("#chain-problems")
         assert decided[1] in problems and "EDITED" in problems
         await page.screenshot(tmp_path / "audit-tampered.png")
