@@ -17,6 +17,7 @@ from gateway.settings import REPO_ROOT, Settings, SettingsError
 if TYPE_CHECKING:
     from gateway.decisionlog.log import DecisionLog
     from gateway.decisionlog.replay import ReplayReport
+    from gateway.decisionlog.verify import VerifyReport
 
 
 def _paths(p: argparse.ArgumentParser) -> None:
@@ -159,6 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="decision-log masking rule 'mask:/json/pointer' or 'erase:/json/pointer' (repeat)",
     )
     serve.add_argument(
+        "--limits",
+        type=Path,
+        default=REPO_ROOT / "limits.yaml",
+        help="quotas and rate limits file (README: Quotas and rate limits)",
+    )
+    serve.add_argument(
+        "--idempotency-ttl",
+        type=float,
+        default=24 * 3600.0,
+        metavar="SECONDS",
+        help="how long an Idempotency-Key replays its task (default 24 h)",
+    )
+    serve.add_argument(
         "--no-log-api-reads",
         dest="log_api_reads",
         action="store_false",
@@ -183,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     _state(serve)
     _paths(serve)
 
-    check = sub.add_parser("check", help="validate agents.yaml, schemas and policies")
+    check = sub.add_parser("check", help="validate agents.yaml, schemas, policies and limits.yaml")
     _paths(check)
+    check.add_argument("--limits", type=Path, default=REPO_ROOT / "limits.yaml", help="limits file")
 
     policy = sub.add_parser("policy", help="policy tools")
     psub = policy.add_subparsers(dest="policy_command", required=True)
@@ -241,8 +256,37 @@ def build_parser() -> argparse.ArgumentParser:
             d.add_argument("--since")
             d.add_argument("--until")
             d.add_argument("--limit", type=int, default=50 if name == "list" else 1_000_000)
+        if name == "verify":
+            d.add_argument(
+                "--export",
+                type=Path,
+                metavar="FILE",
+                help="check this export of a prune against its checkpoint instead of the log",
+            )
+            d.add_argument(
+                "--checkpoint",
+                type=int,
+                metavar="ID",
+                help="with --export: the checkpoint to check against (default: the one it matches)",
+            )
+    _prune_parser(dsub)
     _replay_parser(dsub)
     return parser
+
+
+def _prune_parser(dsub: Any) -> None:
+    prune = dsub.add_parser(
+        "prune", help="export the oldest decisions to a file, then replace them with a checkpoint"
+    )
+    _state(prune)
+    which = prune.add_mutually_exclusive_group(required=True)
+    which.add_argument("--before", type=int, metavar="SEQ", help="the records before seq SEQ")
+    which.add_argument(
+        "--until", metavar="TIMESTAMP", help="the oldest records up to this RFC 3339 time"
+    )
+    prune.add_argument(
+        "--export", type=Path, required=True, metavar="FILE", help="a new JSON Lines file"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,6 +334,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         reload_poll_s=args.reload_poll,
         mask=tuple(args.mask),
         log_api_reads=args.log_api_reads,
+        limits_file=args.limits,
+        idempotency_ttl_s=args.idempotency_ttl,
     )
     app = create_app(settings)
 
@@ -338,11 +384,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     from gateway.bundle.config import load_config
 
     config = load_config(
-        agents_file=args.agents, schemas_dir=args.schemas, policies_dir=args.policies
+        agents_file=args.agents,
+        schemas_dir=args.schemas,
+        policies_dir=args.policies,
+        limits_file=args.limits,
     )
     print(f"schemas:  {len(config.schemas.documents)} ok ({config.schemas_revision})")
     print(f"agents:   {len(config.registry.agents)} ok ({config.registry_revision})")
     print(f"policies: {len(config.policy.modules)} modules ok ({config.policy_revision})")
+    print(f"limits:   {config.limits.source} ok ({config.limits_revision})")
     return 0
 
 
@@ -414,7 +464,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- agent-gateway decisions list|show|verify|export|replay ---------------------------------
+# --- agent-gateway decisions list|show|verify|export|prune|replay ---------------------------
 
 
 def cmd_decisions(args: argparse.Namespace) -> int:
@@ -425,6 +475,9 @@ def cmd_decisions(args: argparse.Namespace) -> int:
         return 2
     if args.decisions_command == "replay":
         return _decisions_replay(args, db_path)
+    if args.decisions_command == "verify" and args.checkpoint is not None and not args.export:
+        print("error: --checkpoint goes with --export", file=sys.stderr)
+        return 2
 
     from gateway.decisionlog.log import DecisionLog
     from gateway.store import Store
@@ -435,8 +488,12 @@ def cmd_decisions(args: argparse.Namespace) -> int:
         try:
             if args.decisions_command == "show":
                 return await _decisions_show(log, args.decision_id)
+            if args.decisions_command == "verify" and args.export:
+                return await _decisions_verify_export(log, args.export, args.checkpoint)
             if args.decisions_command == "verify":
                 return await _decisions_verify(log)
+            if args.decisions_command == "prune":
+                return await _decisions_prune(log, args)
             return await _decisions_list(log, args)
         finally:
             await store.close()
@@ -455,16 +512,68 @@ async def _decisions_show(log: DecisionLog, decision_id: str) -> int:
     return 0
 
 
-async def _decisions_verify(log: DecisionLog) -> int:
-    report = await log.verify()
+def _print_problems(report: VerifyReport) -> None:
     for problem in report.problems:
         print(
             f"{problem['kind'].upper()}: seq {problem['seq']} "
             f"({problem['decision_id']}): {problem['message']}"
         )
+
+
+async def _decisions_verify(log: DecisionLog) -> int:
+    report = await log.verify()
+    _print_problems(report)
+    cp = report.checkpoint
+    if cp is not None:
+        print(
+            f"CHECKPOINT: records seq 1..{cp['through_seq']} were pruned (the last prune, "
+            f"checkpoint {cp['id']}: seq {cp['first_seq']}..{cp['through_seq']}, exported to "
+            f"{cp['export_name']}, sha256 {cp['export_sha256']}); the chain continues from "
+            f"seq {cp['through_seq']} {cp['head_hash'][:12]}. Check an export with: "
+            f"agent-gateway decisions verify --export FILE"
+        )
     state = "OK" if report.ok else "TAMPERED"
     print(f"{state}: {report.checked} records checked, head {report.head}")
     return 0 if report.ok else 1
+
+
+async def _decisions_verify_export(
+    log: DecisionLog, export: Path, checkpoint_id: int | None
+) -> int:
+    """``verify --export``: 0 the export is the one its checkpoint recorded, 1 it is not, 2
+    it cannot be read or no checkpoint fits."""
+    from gateway.decisionlog.checkpoint import UnknownCheckpoint
+
+    try:
+        report = await log.verify_export(export, checkpoint_id=checkpoint_id)
+    except OSError as e:
+        print(f"error: cannot read {export}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except UnknownCheckpoint as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _print_problems(report)
+    cp = report.checkpoint or {}
+    state = "OK" if report.ok else "TAMPERED"
+    print(
+        f"{state}: {report.checked} records checked in {export} against checkpoint "
+        f"{cp.get('id')} (records seq {cp.get('first_seq')}..{cp.get('through_seq')}, "
+        f"sha256 {cp.get('export_sha256')})"
+    )
+    return 0 if report.ok else 1
+
+
+async def _decisions_prune(log: DecisionLog, args: argparse.Namespace) -> int:
+    """``prune``: 0 pruned (the checkpoint on stdout), 1 refused with nothing deleted."""
+    from gateway.decisionlog.prune import PruneError
+
+    try:
+        checkpoint = await log.prune(args.export, before=args.before, until=args.until)
+    except PruneError as e:
+        print(f"error: prune refused: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(checkpoint, indent=2))
+    return 0
 
 
 async def _decisions_list(log: DecisionLog, args: argparse.Namespace) -> int:

@@ -10,15 +10,20 @@ close, and ``stop`` closes them in reverse (aiohttp's ``cleanup_ctx``).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from gateway import __version__
 from gateway.agents.http import AgentClient
 from gateway.agents.instances import InstanceRegistry
+from gateway.agents.mcp_pool import McpServerPool
 from gateway.bundle.config import Config, load_config
 from gateway.bundle.reload import Reloader, config_revisions
+from gateway.clock import iso_utc
 from gateway.containers.backend import ContainerBackend
+from gateway.containers.guardrails import build_spec
+from gateway.containers.pools import PoolOptions, WarmPools
 from gateway.decisionlog import parse_mask_rule
 from gateway.decisionlog.log import DecisionLog
 from gateway.errors import ConfigError, Degraded, StoreUnavailable
@@ -27,16 +32,21 @@ from gateway.health.modes import ENGINE, POLICY, STORE, Modes
 from gateway.health.monitor import Monitor
 from gateway.identity.apikeys import KeyStore
 from gateway.identity.service import AgentIdentities
+from gateway.limits import NO_LIMITS, Limiter
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.routers.access import ApiAuthorizer
+from gateway.routers.events import STATE, TaskEvents
 from gateway.routers.messages import MessageRouter
 from gateway.routers.recovery import RecoveryReport, recover
 from gateway.routers.tasks import RouterOptions, TaskRouter
+from gateway.routers.tools import ToolRouter
 from gateway.settings import Settings
 from gateway.store import Store
 
-log = get_logger("hub")
+log = get_logger(__name__)
+# Expired Idempotency-Keys are pruned at most this often (s), or every half TTL if shorter.
+KEY_PRUNE_EVERY_S = 60.0
 
 
 class Hub:
@@ -54,6 +64,15 @@ class Hub:
         self.agents = AgentClient()
         # Containers running now and their identities (JWT-SVIDs).
         self.instances = InstanceRegistry()
+        # State changes and agent progress, fanned out to the task event streams.
+        self.events = TaskEvents()
+        # Quotas and rate limits (limits.yaml), checked by the doors before any policy.
+        self.limiter = Limiter(
+            limits=lambda: self._config.limits if self._config is not None else NO_LIMITS,
+            pending_of=lambda subject: self.router.quotas.pending_of(subject),
+            observe=self.metrics.observe_rate_limited,
+        )
+        self._last_key_prune = -float("inf")
         self.facts: dict[str, str] = {}  # what the engine told us (internal_gateway...)
         self.recovered = False
         self.last_recovery: RecoveryReport | None = None
@@ -67,6 +86,8 @@ class Hub:
         self.identities: AgentIdentities
         self.router: TaskRouter
         self.messages: MessageRouter
+        self.tools: ToolRouter
+        self.pools: WarmPools
         self.access: ApiAuthorizer
         self.monitor: Monitor
         self.reloader: Reloader
@@ -199,11 +220,39 @@ class Hub:
                 gateway_url=f"http://{gateway_host}:{s.port}",
                 ttl_grace_s=s.containers.ttl_grace_s,
                 max_running=s.containers.max_running,
+                idempotency_ttl_s=s.idempotency_ttl_s,
             ),
             can_dispatch=self.modes.blocker,
             instances=self.instances,
             subjects=self.keys.subject_of,
         )
+        self.router.quotas.running_limit = lambda subject: (
+            self._config.limits.for_subject(subject.id, subject.roles).running
+            if self._config is not None
+            else None
+        )
+        self.router.state_observer = lambda task_id, state, final: self.events.publish(
+            task_id, STATE, {"state": state}, final=final
+        )
+        # Warm containers, asked by the router after the decision (gateway.containers.pools);
+        # refilled only once recovery has run (it removes the last run's pooled containers).
+        self.pools = WarmPools(
+            backend=self.backend,
+            agents=lambda: self._config.registry.agents if self._config is not None else {},
+            wait_ready=self.agents.wait_ready,
+            options=PoolOptions(
+                hub_id=s.hub_id,
+                networks=s.containers.networks,
+                gateway_url=self.router.options.gateway_url,
+                ttl_grace_s=s.containers.ttl_grace_s,
+                ready_timeout_s=self.router.options.ready_timeout_s,
+            ),
+            can_refill=lambda: self.recovered and self.modes.blocker() is None,
+            alert=self.alerts.raise_alert,
+            resolve=self.alerts.resolve,
+            metrics=self.metrics,
+        )
+        self.router.pool = self.pools
         self.router.dispatch_observer = lambda agent, secs: self.metrics.dispatch_seconds.labels(
             agent
         ).observe(secs)
@@ -218,6 +267,25 @@ class Hub:
         self.access = ApiAuthorizer(
             config=lambda: self.config, decisions=self.decisions, log_reads=s.log_api_reads
         )
+        # MCP servers behind the hub (protocol: mcp): hardened like any agent container.
+        self.tools = ToolRouter(
+            config=lambda: self.config,
+            decisions=self.decisions,
+            pool=McpServerPool(
+                backend=lambda: self.backend,
+                spec_for=lambda agent, sandbox, call_id, lifetime_s: build_spec(
+                    agent=agent,
+                    sandbox=sandbox,
+                    task_id=call_id,
+                    hub_id=s.hub_id,
+                    networks=s.containers.networks,
+                    timeout_s=lifetime_s,
+                    ttl_grace_s=s.containers.ttl_grace_s,
+                    gateway_url=self.router.options.gateway_url,
+                ),
+            ),
+        )
+        self._cleanup.push_async_callback(self.tools.pool.close)
         self._cleanup.push_async_callback(self.agents.close)
         self._cleanup.push_async_callback(self.messages.close)
         self._cleanup.push_async_callback(self._shutdown_router)
@@ -225,7 +293,13 @@ class Hub:
     async def _start_monitors(self) -> None:
         s = self.settings
         self.monitor = Monitor(
-            probes=[self.probe_store, self.probe_engine, self.probe_policy, self.record_revisions],
+            probes=[
+                self.probe_store,
+                self.probe_engine,
+                self.probe_policy,
+                self.record_revisions,
+                self.prune_idempotency_keys,
+            ],
             recover=self.recover,
             modes=self.modes,
             store=self.store,
@@ -233,6 +307,7 @@ class Hub:
             alerts=self.alerts,
             hub_id=self.hub_id,
             settings=s.monitor,
+            owned=lambda: {*self.tools.pool.container_ids(), *self.pools.owned()},
         )
         self.reloader = Reloader(
             files=s.bundle,
@@ -244,6 +319,8 @@ class Hub:
         self._cleanup.push_async_callback(self.reloader.stop)
         self._cleanup.push_async_callback(self.monitor.stop)
         self.monitor.start()
+        self._cleanup.push_async_callback(self.pools.stop)
+        self.pools.start()
         await self.reloader.start()
 
     async def _shutdown_router(self) -> None:
@@ -279,12 +356,31 @@ class Hub:
         b = self.settings.bundle
         try:
             self._config = load_config(
-                agents_file=b.agents_file, schemas_dir=b.schemas_dir, policies_dir=b.policies_dir
+                agents_file=b.agents_file,
+                schemas_dir=b.schemas_dir,
+                policies_dir=b.policies_dir,
+                limits_file=b.limits_file,
             )
         except ConfigError as e:
             self.modes.set_cause(POLICY, f"{e.location}: {e.message}" if e.location else e.message)
             return
         self.modes.set_cause(POLICY, None)
+
+    async def prune_idempotency_keys(self) -> int:
+        """Delete expired Idempotency-Keys (a monitor probe, at most once a minute); how many.
+
+        Expired keys stop replaying at once (the router ignores them); this only frees rows.
+        """
+        ttl = self.settings.idempotency_ttl_s
+        now = time.monotonic()
+        if self.modes.holds(STORE) or now - self._last_key_prune < min(KEY_PRUNE_EVERY_S, ttl / 2):
+            return 0
+        self._last_key_prune = now
+        try:
+            return await self.store.prune_idempotency(iso_utc(time.time() - ttl))
+        except StoreUnavailable as e:
+            self.modes.set_cause(STORE, e.message)  # the store probe lifts it
+            return 0
 
     async def record_revisions(self) -> None:
         """Record the revisions in force in the store (once each; later if it is read-only)."""
@@ -316,6 +412,7 @@ class Hub:
             hub_id=self.hub_id,
             alerts=self.alerts,
             settings=self.settings.recovery,
+            pools=self.pools,
         )
         self.recovered = True
         return self.last_recovery
@@ -361,4 +458,5 @@ class Hub:
             "last_reload_error": self.reloader.last_error,
             "reload": self.reloader.to_json(),
             "alerts": self.alerts.to_json(),
+            "pools": self.pools.to_json(),
         }

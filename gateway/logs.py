@@ -83,5 +83,6 @@ def configure(level: str = "info", stream: Any = None) -> None:
 
 
 def get_logger(name: str) -> logging.Logger:
-    """A logger under the ``gateway`` namespace."""
+    """A logger under the ``gateway`` namespace; modules pass ``__name__``, so each logger
+    is named after its module (``gateway.routers.tasks``) and can be filtered by it."""
     return logging.getLogger(name if name.startswith("gateway") else f"gateway.{name}")

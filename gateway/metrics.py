@@ -49,6 +49,34 @@ class Metrics:
         self.alerts = Counter(
             "gateway_alerts", "Alerts raised by name", ["alert"], registry=self.registry
         )
+        # Counted, not logged one by one: a flood must not fill the disk (gateway.limits).
+        self.rate_limited = Counter(
+            "gateway_rate_limited",
+            "Requests refused by a quota or rate limit of limits.yaml, by limit",
+            ["limit"],
+            registry=self.registry,
+        )
+        self._rate_limited_children: dict[str, Any] = {}
+        # Warm pools (gateway.containers.pools).
+        self.pool_containers = Gauge(
+            "gateway_pool_containers",
+            "Pooled containers by agent and state (idle, reusable, assigned, warming)",
+            ["agent", "state"],
+            registry=self.registry,
+        )
+        self.pool_dispatches = Counter(
+            "gateway_pool_dispatches",
+            "Dispatches that asked a pool, by agent and result (hit: ran warm, miss: cold)",
+            ["agent", "result"],
+            registry=self.registry,
+        )
+        self.pool_warmup_seconds = Histogram(
+            "gateway_pool_warmup_seconds",
+            "Time to start a pooled container and see it answer /health",
+            ["agent"],
+            buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10),
+            registry=self.registry,
+        )
 
         # labels() looks its child up under a lock on every call; the children of the
         # request metrics (one per route, method and status) are kept here instead.
@@ -63,6 +91,13 @@ class Metrics:
             )
         children[0].inc()
         children[1].observe(seconds)
+
+    def observe_rate_limited(self, limit: str) -> None:
+        """Count one request refused by ``limit``."""
+        child = self._rate_limited_children.get(limit)
+        if child is None:
+            child = self._rate_limited_children[limit] = self.rate_limited.labels(limit)
+        child.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

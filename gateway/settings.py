@@ -161,40 +161,46 @@ class Settings:
     idempotency_ttl_s: float = 24 * 3600.0
 
     def __post_init__(self) -> None:
-        if not 0 < self.port < 65536:
-            raise SettingsError(f"port: {self.port} is not a TCP port")
-        if self.max_body_bytes < 1024:
-            raise SettingsError(f"max_body_bytes: {self.max_body_bytes} is below 1024")
-        if self.max_running_containers < 1:
-            raise SettingsError("max_running_containers: must be at least 1")
-        if self.default_timeout_s <= 0:
-            raise SettingsError("default_timeout_s: must be positive")
-        if self.docker_workers < 1:
-            raise SettingsError("docker_workers: must be at least 1")
-        if not 1 <= self.svid_ttl_s <= 3600:
-            raise SettingsError("svid_ttl_s: must be within 1..3600")
-        if not 0 < self.message_timeout_s <= self.max_message_timeout_s:
-            raise SettingsError("message_timeout_s: must be positive and <= max_message_timeout_s")
-        if self.max_delegation_depth < 0:
-            raise SettingsError("max_delegation_depth: must be 0 or more")
-        if not 0 <= self.reload_poll_s <= 3600:
-            raise SettingsError("reload_poll_s: must be within 0..3600 (0 = off)")
+        self._check_numbers()
+        self._check_rules()
+        self._check_paths()
+
+    def _check_numbers(self) -> None:
+        # (holds, message): each message names the setting, as the CLI flag does.
+        checks = (
+            (0 < self.port < 65536, f"port: {self.port} is not a TCP port"),
+            (self.max_body_bytes >= 1024, f"max_body_bytes: {self.max_body_bytes} is below 1024"),
+            (self.max_running_containers >= 1, "max_running_containers: must be at least 1"),
+            (self.default_timeout_s > 0, "default_timeout_s: must be positive"),
+            (self.docker_workers >= 1, "docker_workers: must be at least 1"),
+            (1 <= self.svid_ttl_s <= 3600, "svid_ttl_s: must be within 1..3600"),
+            (
+                0 < self.message_timeout_s <= self.max_message_timeout_s,
+                "message_timeout_s: must be positive and <= max_message_timeout_s",
+            ),
+            (self.max_delegation_depth >= 0, "max_delegation_depth: must be 0 or more"),
+            (0 <= self.reload_poll_s <= 3600, "reload_poll_s: must be within 0..3600 (0 = off)"),
+            (self.idempotency_ttl_s > 0, "idempotency_ttl_s: must be positive"),
+        )
+        for holds, message in checks:
+            if not holds:
+                raise SettingsError(message)
+
+    def _check_rules(self) -> None:
         for rule in self.mask:
             try:
                 parse_mask_rule(rule)
             except ConfigError as e:
                 raise SettingsError(f"mask: {e}") from None
+
+    def _check_paths(self) -> None:
         for domain, bundle in self.trust_bundles:
             if not Path(bundle).is_file():
                 raise SettingsError(f"trust_bundles: {bundle} (for {domain}) is not a file")
-        if not self.idempotency_ttl_s > 0:
-            raise SettingsError("idempotency_ttl_s: must be positive")
         if self.limits_file is not None and not Path(self.limits_file).is_file():
             raise SettingsError(f"limits_file: {self.limits_file} is not a file")
-        for name in ("agents_file",):
-            path = getattr(self, name)
-            if not Path(path).is_file():
-                raise SettingsError(f"{name}: {path} is not a file")
+        if not Path(self.agents_file).is_file():
+            raise SettingsError(f"agents_file: {self.agents_file} is not a file")
         for name in ("schemas_dir", "policies_dir"):
             path = getattr(self, name)
             if not Path(path).is_dir():

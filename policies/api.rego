@@ -5,6 +5,10 @@
 # input:  {"subject":  {"authenticated": bool, "id", "roles", "key_id"},
 #          "request":  {"method", "route" (the route template, e.g. "/v1/tasks/{task_id}"),
 #                       "params": {...path and query parameters...}, "protocol"},
+#                      an A2A call (protocol "a2a", POST /a2a/{agent}) has params.method (the
+#                      A2A 1.0 method, also for 0.3 clients), params.wire_method, params.version
+#                      and, when it names a webhook, params.push = {"url", "scheme", "host",
+#                      "port", "addresses": [{"ip", "public"}]}
 #          "resource": {"kind": "task", "id", "owner", "state", "agent"}
 #                    | {"kind": "tasks"} | {"kind": "agent", "name"} | {"kind": "decision"}
 #                    | {"kind": "hub"} | {"kind": "public"}}
@@ -43,6 +47,11 @@ public_calls := {
 	"GET /audit",
 	"GET /audit/audit.js",
 	"GET /audit/audit.css",
+	"GET /a2a/{agent}/.well-known/agent-card.json",
+	"GET /.well-known/agent-card.json",
+	"GET /.well-known/jwks.json",
+	"GET /.well-known/oauth-protected-resource",
+	"GET /.well-known/oauth-protected-resource/mcp",
 }
 
 # Calls that need a key and one of these roles; the owner rules for single tasks are below.
@@ -58,12 +67,17 @@ role_calls := {
 	"POST /v1/admin/reload": ["operator"],
 	"POST /v1/admin/mode": ["operator"],
 	"POST /v1/admin/identity/rotate": ["operator"],
+	# MCP: any key may speak the protocol; which tools it sees and may call is the
+	# dispatch policy's answer (params.rpc is the JSON-RPC method, params.tool the tool).
+	"POST /mcp": ["*"],
+	"DELETE /mcp": ["*"],
 }
 
 # Calls on one task: who may make them besides the task's owner.
 task_calls := {
 	"GET /v1/tasks/{task_id}": {"owner_roles": ["*"], "others": ["operator", "auditor"]},
 	"DELETE /v1/tasks/{task_id}": {"owner_roles": ["user"], "others": ["operator"]},
+	"GET /v1/tasks/{task_id}/events": {"owner_roles": ["*"], "others": ["operator", "auditor"]},
 }
 
 known_call if call in public_calls
@@ -123,6 +137,96 @@ deny contains msg if {
 	not owner
 	not may_on_task(rule)
 	msg := sprintf("task %s belongs to another subject; %s needs one of the roles %v", [input.resource.id, call, rule.others])
+}
+
+# --- A2A: POST /a2a/{agent} is decided per JSON-RPC method --------------------------------
+
+a2a if input.request.protocol == "a2a"
+
+a2a_call := sprintf("A2A %s", [input.request.params.method]) if a2a
+
+a2a_role_calls := {
+	"A2A SendMessage": ["user"],
+	"A2A SendStreamingMessage": ["user"],
+	"A2A ListTasks": ["user", "operator", "auditor"],
+	"A2A GetExtendedAgentCard": ["*"],
+}
+
+a2a_task_calls := {
+	"A2A GetTask": {"owner_roles": ["*"], "others": ["operator", "auditor"]},
+	"A2A SubscribeToTask": {"owner_roles": ["*"], "others": ["operator", "auditor"]},
+	"A2A CancelTask": {"owner_roles": ["user"], "others": ["operator"]},
+	"A2A CreateTaskPushNotificationConfig": {"owner_roles": ["user"], "others": []},
+	"A2A GetTaskPushNotificationConfig": {"owner_roles": ["*"], "others": ["operator", "auditor"]},
+	"A2A ListTaskPushNotificationConfigs": {"owner_roles": ["*"], "others": ["operator", "auditor"]},
+	"A2A DeleteTaskPushNotificationConfig": {"owner_roles": ["user"], "others": []},
+}
+
+known_call if a2a_role_calls[a2a_call]
+
+known_call if a2a_task_calls[a2a_call]
+
+deny contains msg if {
+	a2a
+	not a2a_role_calls[a2a_call]
+	not a2a_task_calls[a2a_call]
+	msg := sprintf("no rule allows %s", [a2a_call])
+}
+
+deny contains msg if {
+	authenticated
+	wanted := a2a_role_calls[a2a_call]
+	not "*" in wanted
+	not has_any(wanted)
+	msg := sprintf("%s needs one of the roles %v", [a2a_call, wanted])
+}
+
+deny contains msg if {
+	authenticated
+	rule := a2a_task_calls[a2a_call]
+	owner
+	not may_on_task(rule)
+	msg := sprintf("%s on your own task needs one of the roles %v", [a2a_call, rule.owner_roles])
+}
+
+deny contains msg if {
+	authenticated
+	rule := a2a_task_calls[a2a_call]
+	not owner
+	not may_on_task(rule)
+	msg := sprintf("task %s belongs to another subject; %s needs one of the roles %v", [input.resource.id, a2a_call, rule.others])
+}
+
+conceal if {
+	a2a_task_calls[a2a_call]
+	not sees_task
+}
+
+# Webhooks only to public addresses, unless the host is in
+# data.config.a2a.push_allowed_hosts (e.g. a receiver on this machine in a test).
+push_allowed_host(host) if host in object.get(data.config, ["a2a", "push_allowed_hosts"], [])
+
+deny contains msg if {
+	a2a
+	push := input.request.params.push
+	not push.scheme in {"http", "https"}
+	msg := sprintf("a push notification URL must be http or https, not %q", [push.scheme])
+}
+
+deny contains msg if {
+	a2a
+	push := input.request.params.push
+	count(push.addresses) == 0
+	msg := sprintf("the push notification host %q does not resolve", [push.host])
+}
+
+deny contains msg if {
+	a2a
+	push := input.request.params.push
+	not push_allowed_host(push.host)
+	some address in push.addresses
+	not address.public
+	msg := sprintf("push notifications may not go to %s: %s is not a public address", [push.host, address.ip])
 }
 
 # --- the answer -----------------------------------------------------------------------

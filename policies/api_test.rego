@@ -154,3 +154,146 @@ test_missing_subject_is_denied if {
 	d := api.decision with input as {"request": req("GET", "/v1/agents"), "resource": {"kind": "hub"}}
 	not d.allow
 }
+
+# --- A2A: decided per JSON-RPC method -------------------------------------------------
+
+a2a_req(method) := {
+	"method": "POST",
+	"route": "/a2a/{agent}",
+	"params": {"agent": "echo", "method": method, "wire_method": method, "version": "1.0"},
+	"protocol": "a2a",
+}
+
+a2a(subject, method, resource) := d if {
+	d := api.decision with input as {
+		"subject": subject,
+		"request": a2a_req(method),
+		"resource": resource,
+	}
+}
+
+echo_agent := {"kind": "agent", "name": "echo"}
+
+test_a2a_user_may_send_a_message if a2a(alice, "SendMessage", echo_agent).allow
+
+test_a2a_auditor_may_not_send_a_message if {
+	d := a2a(auditor, "SendStreamingMessage", echo_agent)
+	not d.allow
+	d.reasons == ["A2A SendStreamingMessage needs one of the roles [\"user\"]"]
+}
+
+test_a2a_anonymous_needs_a_key if {
+	d := a2a(anonymous, "SendMessage", echo_agent)
+	not d.allow
+	"this call needs an API key" in d.reasons
+}
+
+test_a2a_unknown_method_is_refused if {
+	d := a2a(alice, "DeleteEverything", echo_agent)
+	not d.allow
+	"no rule allows A2A DeleteEverything" in d.reasons
+}
+
+test_a2a_owner_may_get_and_cancel if {
+	a2a(alice, "GetTask", alices_task).allow
+	a2a(alice, "CancelTask", alices_task).allow
+	a2a(alice, "SubscribeToTask", alices_task).allow
+}
+
+test_a2a_other_user_is_told_not_found if {
+	d := a2a(bob, "GetTask", alices_task)
+	not d.allow
+	d.conceal == true
+}
+
+test_a2a_auditor_may_read_but_not_cancel if {
+	a2a(auditor, "GetTask", alices_task).allow
+	d := a2a(auditor, "CancelTask", alices_task)
+	not d.allow
+	d.conceal == false
+}
+
+test_a2a_list_is_own_for_users if {
+	d := a2a(alice, "ListTasks", {"kind": "tasks"})
+	d.allow
+	d.scope == "own"
+}
+
+public_push := {"url": "https://hooks.example.com/a2a", "scheme": "https", "host": "hooks.example.com", "port": 443, "addresses": [{"ip": "93.184.216.34", "public": true}]}
+
+loopback_push := {"url": "http://127.0.0.1:9/x", "scheme": "http", "host": "127.0.0.1", "port": 9, "addresses": [{"ip": "127.0.0.1", "public": false}]}
+
+push_req(push) := object.union(
+	a2a_req("CreateTaskPushNotificationConfig"),
+	{"params": object.union(a2a_req("CreateTaskPushNotificationConfig").params, {"push": push})},
+)
+
+push_call(push) := d if {
+	d := api.decision with input as {"subject": alice, "request": push_req(push), "resource": alices_task}
+}
+
+test_a2a_push_to_a_public_address_is_allowed if push_call(public_push).allow
+
+test_a2a_push_to_loopback_is_refused if {
+	d := push_call(loopback_push)
+	not d.allow
+	d.reasons == ["push notifications may not go to 127.0.0.1: 127.0.0.1 is not a public address"]
+}
+
+test_a2a_push_to_an_allowed_host_is_allowed if {
+	d := api.decision with input as {"subject": alice, "request": push_req(loopback_push), "resource": alices_task}
+		with data.config.a2a.push_allowed_hosts as ["127.0.0.1"]
+	d.allow
+}
+
+test_a2a_push_to_a_host_that_does_not_resolve_is_refused if {
+	d := push_call(object.union(public_push, {"addresses": []}))
+	not d.allow
+}
+
+test_a2a_push_must_be_http if {
+	d := push_call(object.union(public_push, {"scheme": "file"}))
+	not d.allow
+}
+
+test_a2a_card_routes_are_public if {
+	call(anonymous, "GET", "/a2a/{agent}/.well-known/agent-card.json").allow
+	call(anonymous, "GET", "/.well-known/agent-card.json").allow
+	call(anonymous, "GET", "/.well-known/jwks.json").allow
+}
+
+test_task_events_follow_task_reads if {
+	d := api.decision with input as {
+		"subject": bob,
+		"request": req("GET", "/v1/tasks/{task_id}/events"),
+		"resource": alices_task,
+	}
+	not d.allow
+	d.conceal == true
+}
+
+# --- MCP (POST /mcp): any key speaks the protocol; tools are the dispatch policy's --------
+
+mcp_call(subject, method) := d if {
+	d := api.decision with input as {
+		"subject": subject,
+		"request": {"method": method, "route": "/mcp", "params": {"rpc": "tools/list"}, "protocol": "mcp"},
+		"resource": {"kind": "mcp"},
+	}
+}
+
+test_mcp_needs_a_key if {
+	not mcp_call(anonymous, "POST").allow
+	mcp_call(alice, "POST").allow
+	mcp_call(auditor, "POST").allow
+	mcp_call(alice, "DELETE").allow
+}
+
+test_mcp_metadata_is_public if {
+	d := api.decision with input as {
+		"subject": anonymous,
+		"request": req("GET", "/.well-known/oauth-protected-resource/mcp"),
+		"resource": {"kind": "public"},
+	}
+	d.allow
+}

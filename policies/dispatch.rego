@@ -3,7 +3,7 @@
 # input:  {"subject": {"id", "roles"}, "task": {...envelope...}, "agent": {...registry entry...},
 #          "request": {"method", "path", "remote_addr", "time"}}
 # data:   data.agents (the registry by name) and data.config (policies/data.json)
-# output: decision = {"allow": bool, "reasons": [string], "sandbox": {...}}
+# output: decision = {"allow": bool, "reasons": [string], "sandbox": {...}, "reuse": bool}
 package gateway.dispatch
 
 import rego.v1
@@ -75,12 +75,27 @@ network := "egress" if {
 	"egress" in roles
 } else := "internal"
 
+# --- reuse ----------------------------------------------------------------------------
+
+# Whether the task's (warm) container may serve further tasks of the same owner after this
+# one (gateway.containers.pools). Off unless the registry entry asks for it and the agent
+# is one whose tasks keep nothing a later task of the same caller must not see.
+reusable_agents := {"echo"}
+
+default reuse := false
+
+reuse if {
+	input.agent.reuse == true
+	input.agent.name in reusable_agents
+	not restricted_sandbox
+}
+
 # --- the answer -----------------------------------------------------------------------
 
 default allow := false
 
 allow if count(deny) == 0
 
-decision := {"allow": true, "reasons": ["allowed"], "sandbox": sandbox} if {
+decision := {"allow": true, "reasons": ["allowed"], "sandbox": sandbox, "reuse": reuse} if {
 	allow
 } else := {"allow": false, "reasons": deny}

@@ -84,3 +84,38 @@ test_timeout_over_agent_limit_is_denied if {
 	d := dispatch.decision with input as {"subject": user, "task": {"capability": "debug.echo", "input": {}, "timeout_s": 600}, "agent": echo_agent}
 	d.allow == false
 }
+
+# --- reuse of a container for the same owner -------------------------------------------
+
+test_reuse_is_off_by_default if {
+	d := dispatch.decision with input as {"subject": user, "task": task, "agent": echo_agent}
+	d.allow == true
+	d.reuse == false
+}
+
+test_reuse_allowed_for_echo_when_the_registry_asks if {
+	agent := object.union(echo_agent, {"reuse": true})
+	d := dispatch.decision with input as {"subject": user, "task": task, "agent": agent}
+	d.reuse == true
+}
+
+test_reuse_refused_for_other_agents_even_when_asked if {
+	agent := object.union(calc_agent, {"reuse": true})
+	d := dispatch.decision with input as {"subject": developer, "task": {"capability": "code.eval", "input": {}}, "agent": agent}
+	d.allow == true
+	d.reuse == false
+}
+
+test_reuse_refused_for_an_echo_impostor_with_a_restricted_capability if {
+	agent := object.union(echo_agent, {"reuse": true, "capabilities": ["debug.probe"]})
+	d := dispatch.decision with input as {"subject": developer, "task": task, "agent": agent}
+	d.allow == true
+	d.reuse == false
+}
+
+test_denied_decision_has_no_reuse if {
+	agent := object.union(echo_agent, {"reuse": true})
+	d := dispatch.decision with input as {"subject": {"id": "x", "roles": []}, "task": task, "agent": agent}
+	d.allow == false
+	not d.reuse
+}

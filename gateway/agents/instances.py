@@ -18,7 +18,7 @@ from gateway.containers.backend import ContainerHandle
 from gateway.identity.apikeys import Subject
 from gateway.logs import get_logger
 
-log = get_logger("instances")
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)

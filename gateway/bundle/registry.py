@@ -3,6 +3,10 @@
 An invalid file is refused with ``file:line`` and the reason; callers keep the last good
 ``Registry`` in force (loading builds a new immutable object and never mutates one).
 
+An entry with ``protocol: mcp`` is an MCP server in a container (``gateway.agents.mcp``):
+it has ``transport``, an allow-list of ``tools``, an ``isolation`` and an idle time instead of
+capabilities and schemas (its tools bring their own). The default protocol is ``gateway``.
+
 An ``env`` entry is a literal string or ``{secret: NAME}``, a secret resolved from the
 secrets file when the container starts (``gateway.containers.secrets``). Outside the hub
 (API, policy input, stored revisions) ``env`` shows the variables' names only.
@@ -11,6 +15,7 @@ secrets file when the container starts (``gateway.containers.secrets``). Outside
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -22,6 +27,7 @@ from gateway.bundle.schemas import SchemaSet
 from gateway.errors import ConfigError, UnknownAgent, UnknownCapability
 
 REGISTRY_SCHEMA = "agents.schema.json"
+_ENV_VALUE = re.compile(r"^/agents/\d+/env/[^/]+")
 # What ``AgentSpec.to_json`` shows for every env value, literal or secret.
 ENV_HIDDEN = "***"
 
@@ -72,13 +78,20 @@ class AgentSpec:
     network: str = "internal"
     subscriptions: tuple[str, ...] = ()
     reuse: bool = False
-    pool: MappingProxyType[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    pool: MappingProxyType[str, float] = field(default_factory=lambda: MappingProxyType({}))
     env: MappingProxyType[str, str] = field(default_factory=lambda: MappingProxyType({}))
     # Variable -> the name of the secret (in the secrets file) it is set from.
     secret_env: MappingProxyType[str, str] = field(default_factory=lambda: MappingProxyType({}))
     labels: MappingProxyType[str, str] = field(default_factory=lambda: MappingProxyType({}))
     description: str = ""
     line: int = 0
+    # protocol "mcp": an MCP server (gateway.agents.mcp); these fields are its own.
+    protocol: str = "gateway"
+    transport: str = "stdio"
+    tools: tuple[str, ...] = ()
+    isolation: str = "per_owner"
+    idle_s: float = 300.0
+    mcp_path: str = "/mcp"
 
     def to_json(self) -> dict[str, Any]:
         """The entry as policy input, API output and stored revisions see it: env values
@@ -100,6 +113,16 @@ class AgentSpec:
             "pool": dict(self.pool),
             "env": {name: ENV_HIDDEN for name in sorted({*self.env, *self.secret_env})},
             "labels": dict(self.labels),
+            "protocol": self.protocol,
+            **(self._mcp_json() if self.protocol == "mcp" else {}),
+        }
+
+    def _mcp_json(self) -> dict[str, Any]:
+        return {
+            "transport": self.transport,
+            "tools": list(self.tools),
+            "isolation": self.isolation,
+            "idle_s": self.idle_s,
         }
 
 
@@ -162,9 +185,11 @@ def load_registry(path: Path, schemas: SchemaSet, display: str | None = None) ->
         first = errors[0]
         line = _line_of(node, first["pointer"])
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise ConfigError(
-            f"{first['pointer'] or '/'}: {first['message']}{more}", location=f"{name}:{line}"
-        )
+        message = first["message"]
+        if _ENV_VALUE.match(first["pointer"]):
+            # The validator's message quotes the value, which may be a credential.
+            message = "an env value must be a string or {secret: NAME} (NAME: A-Z a-z 0-9 _ . -)"
+        raise ConfigError(f"{first['pointer'] or '/'}: {message}{more}", location=f"{name}:{line}")
 
     agents: dict[str, AgentSpec] = {}
     for index, entry in enumerate(data["agents"]):
@@ -173,7 +198,7 @@ def load_registry(path: Path, schemas: SchemaSet, display: str | None = None) ->
         if entry["name"] in agents:
             raise ConfigError(f"duplicate agent name {entry['name']!r}", location=where)
         for key in ("input_schema", "output_schema"):
-            if not schemas.has(entry[key]):
+            if key in entry and not schemas.has(entry[key]):
                 raise ConfigError(
                     f"{key} {entry[key]!r} is not a schema under {schemas.root.name}/",
                     location=f"{name}:{_line_of(node, f'/agents/{index}/{key}')}",
@@ -192,10 +217,10 @@ def _spec(entry: dict[str, Any], line: int) -> AgentSpec:
     return AgentSpec(
         name=entry["name"],
         image=entry["image"],
-        capabilities=tuple(entry["capabilities"]),
-        input_schema=entry["input_schema"],
-        output_schema=entry["output_schema"],
-        port=entry["port"],
+        capabilities=tuple(entry.get("capabilities", ())),
+        input_schema=entry.get("input_schema", ""),
+        output_schema=entry.get("output_schema", ""),
+        port=entry.get("port", 0),
         endpoint=entry.get("endpoint", "/task"),
         timeout_s=float(entry.get("timeout_s", 60.0)),
         resources=Resources(
@@ -214,6 +239,12 @@ def _spec(entry: dict[str, Any], line: int) -> AgentSpec:
         labels=MappingProxyType(dict(entry.get("labels", {}))),
         description=entry.get("description", ""),
         line=line,
+        protocol=entry.get("protocol", "gateway"),
+        transport=entry.get("transport", "stdio"),
+        tools=tuple(entry.get("tools", ())),
+        isolation=entry.get("isolation", "per_owner"),
+        idle_s=float(entry.get("idle_s", 300.0)),
+        mcp_path=entry.get("mcp_path", "/mcp"),
     )
 
 

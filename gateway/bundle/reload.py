@@ -39,7 +39,7 @@ from gateway.policy.engine import API_QUERY, DISPATCH_QUERY, MESSAGES_QUERY, par
 from gateway.policy.testing import TestReport, run_tests
 from gateway.settings import BundleSettings
 
-log = get_logger("reload")
+log = get_logger(__name__)
 
 # How many of the latest logged inputs of each kind a new policy is evaluated against.
 RECENT_INPUTS = 100

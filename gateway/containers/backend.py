@@ -15,6 +15,11 @@ LABEL_TASK = LABEL_PREFIX + "task"
 LABEL_AGENT = LABEL_PREFIX + "agent"
 LABEL_EXPIRES = LABEL_PREFIX + "expires"
 LABEL_MANAGED = LABEL_PREFIX + "managed"
+# The instance id bound into the container's JWT-SVID: which attempt of its task it runs.
+LABEL_INSTANCE = LABEL_PREFIX + "instance"
+# The agent whose warm pool a container belongs to (gateway.containers.pools): such a
+# container has no task label, as labels cannot change once it runs.
+LABEL_POOL = LABEL_PREFIX + "pool"
 NONROOT_USER = "65534:65534"
 
 
@@ -47,6 +52,8 @@ class ContainerSpec:
     )
     cap_drop: tuple[str, ...] = ("ALL",)
     security_opt: tuple[str, ...] = ("no-new-privileges:true",)
+    # stdin kept open (``docker run -i``): how the hub speaks to a stdio MCP server.
+    stdin: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,13 @@ class ContainerBackend(Protocol):
 
     async def is_running(self, container_id: str) -> bool:
         """Whether the container still runs (False when it exited or is gone)."""
+        ...
+
+    async def update_limits(
+        self, container_id: str, *, memory_bytes: int, nano_cpus: int, pids_limit: int
+    ) -> None:
+        """Set a running container's memory, CPU and pids limits (a warm container tightened
+        to its task's sandbox); AgentUnavailable when the engine refuses."""
         ...
 
     async def remove(self, container_id: str) -> None:

@@ -10,6 +10,9 @@ from the secrets file here, as the container is created (``gateway.containers.se
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -32,8 +35,9 @@ from gateway.errors import AgentUnavailable
 from gateway.logs import get_logger
 
 T = TypeVar("T")
-log = get_logger("containers.docker")
+log = get_logger(__name__)
 IMAGE_CACHE_S = 30.0
+CLOSE_WAIT_S = 15.0
 ICC = "com.docker.network.bridge.enable_icc"
 
 
@@ -200,60 +204,87 @@ class DockerBackend:
 
     async def start(self, spec: ContainerSpec) -> ContainerHandle:
         """Create and start the container, and read back its address on the network."""
+        handle, _ = await self._call(f"start {spec.name}", lambda c: self._run(c, spec))
+        return handle
 
-        def run(c: docker.APIClient) -> ContainerHandle:
-            config = self._image_config(c, spec.image)
-            original = list(config.get("Entrypoint") or []) + list(config.get("Cmd") or [])
-            if not original:
-                raise AgentUnavailable(f"image {spec.image} has no entrypoint or command")
-            # Never the image's USER: a root image runs as the spec's numeric user too.
-            user = check_user(spec.user)
-            # Before anything is created: a secret that cannot be read leaves no container.
-            environment = {
-                **spec.env,
-                **secrets.resolve_env(self.secrets_file, spec.secret_env),
-            }
-            host_config = c.create_host_config(
-                cap_drop=list(spec.cap_drop),
-                security_opt=list(spec.security_opt),
-                read_only=spec.read_only,
-                tmpfs=dict(spec.tmpfs),
-                mem_limit=spec.memory_bytes,
-                memswap_limit=spec.memory_bytes,
-                nano_cpus=spec.nano_cpus,
-                pids_limit=spec.pids_limit,
-                network_mode=spec.network,
-                restart_policy={"Name": "no"},
-                log_config={"Type": "json-file", "Config": {"max-size": "1m", "max-file": "1"}},
-            )
-            created = c.create_container(
-                spec.image,
-                name=spec.name,
-                # The TTL is enforced inside the container, so it holds even if the hub dies.
-                entrypoint=["timeout", "-s", "TERM", "-k", "5", f"{spec.ttl_s}s"],
-                command=original,
-                environment=environment,
-                labels=spec.labels,
-                user=user,
-                host_config=host_config,
-                networking_config=c.create_networking_config(
-                    {spec.network: c.create_endpoint_config()}
-                ),
-                detach=True,
-            )
-            cid = created["Id"]
-            try:
-                c.start(cid)
-                info = c.inspect_container(cid)
-                address = info["NetworkSettings"]["Networks"][spec.network]["IPAddress"]
-                if not address:
-                    raise AgentUnavailable(f"container {spec.name} has no address")
-            except BaseException:
-                c.remove_container(cid, force=True)
-                raise
-            return ContainerHandle(id=cid, name=spec.name, address=address, port=spec.port)
+    async def start_stdio(self, spec: ContainerSpec) -> tuple[ContainerHandle, socket.socket, Any]:
+        """Start the container with its stdin open (``docker run -i``), attached before it
+        starts so no output is lost: the handle, the attach socket (stdin in, Docker's
+        multiplexed stdout and stderr out) and the engine client's object that owns it."""
+        stdin_spec = dataclasses.replace(spec, stdin=True)
+        handle, attached = await self._call(
+            f"start {spec.name}", lambda c: self._run(c, stdin_spec, attach=True)
+        )
+        assert attached is not None
+        raw = getattr(attached, "_sock", attached)
+        if not isinstance(raw, socket.socket):
+            await self.remove(handle.id)
+            raise AgentUnavailable("attaching to a container's stdio needs a local engine socket")
+        # Our own descriptor: the engine client's objects may be collected and close theirs.
+        return handle, raw.dup(), attached
 
-        return await self._call(f"start {spec.name}", run)
+    def _run(
+        self, c: docker.APIClient, spec: ContainerSpec, *, attach: bool = False
+    ) -> tuple[ContainerHandle, Any]:
+        config = self._image_config(c, spec.image)
+        original = list(config.get("Entrypoint") or []) + list(config.get("Cmd") or [])
+        if not original:
+            raise AgentUnavailable(f"image {spec.image} has no entrypoint or command")
+        # Never the image's USER: a root image runs as the spec's numeric user too.
+        user = check_user(spec.user)
+        # Before anything is created: a secret that cannot be read leaves no container.
+        environment = {
+            **spec.env,
+            **secrets.resolve_env(self.secrets_file, spec.secret_env),
+        }
+        host_config = c.create_host_config(
+            cap_drop=list(spec.cap_drop),
+            security_opt=list(spec.security_opt),
+            read_only=spec.read_only,
+            tmpfs=dict(spec.tmpfs),
+            mem_limit=spec.memory_bytes,
+            memswap_limit=spec.memory_bytes,
+            nano_cpus=spec.nano_cpus,
+            pids_limit=spec.pids_limit,
+            network_mode=spec.network,
+            restart_policy={"Name": "no"},
+            log_config={"Type": "json-file", "Config": {"max-size": "1m", "max-file": "1"}},
+        )
+        created = c.create_container(
+            spec.image,
+            name=spec.name,
+            # The TTL is enforced inside the container, so it holds even if the hub dies.
+            entrypoint=["timeout", "-s", "TERM", "-k", "5", f"{spec.ttl_s}s"],
+            command=original,
+            environment=environment,
+            labels=spec.labels,
+            user=user,
+            host_config=host_config,
+            networking_config=c.create_networking_config(
+                {spec.network: c.create_endpoint_config()}
+            ),
+            detach=True,
+            stdin_open=spec.stdin,
+        )
+        cid = created["Id"]
+        attached: Any = None
+        try:
+            if attach:
+                attached = c.attach_socket(
+                    cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
+                )
+            c.start(cid)
+            info = c.inspect_container(cid)
+            address = info["NetworkSettings"]["Networks"][spec.network]["IPAddress"]
+            if not address:
+                raise AgentUnavailable(f"container {spec.name} has no address")
+        except BaseException:
+            if attached is not None:
+                attached.close()
+            c.remove_container(cid, force=True)
+            raise
+        handle = ContainerHandle(id=cid, name=spec.name, address=address, port=spec.port)
+        return handle, attached
 
     async def attach(self, container_id: str, port: int) -> ContainerHandle:
         """A handle to a running container, read back from the engine."""
@@ -282,6 +313,30 @@ class DockerBackend:
     async def inspect(self, container_id: str) -> dict[str, Any]:
         """The engine's full description of a container (for tests and operators)."""
         return await self._call("inspect", lambda c: c.inspect_container(container_id))
+
+    async def update_limits(
+        self, container_id: str, *, memory_bytes: int, nano_cpus: int, pids_limit: int
+    ) -> None:
+        """Tighten a running container's limits (``docker update``), read back to check.
+
+        Raw API call: docker-py's ``update_container`` knows neither NanoCpus nor PidsLimit.
+        """
+
+        def run(c: docker.APIClient) -> None:
+            body = {
+                "Memory": memory_bytes,
+                "MemorySwap": memory_bytes,
+                "NanoCpus": nano_cpus,
+                "PidsLimit": pids_limit,
+            }
+            url = c._url("/containers/{0}/update", container_id)
+            c._raise_for_status(c._post_json(url, data=body))
+            host = c.inspect_container(container_id)["HostConfig"]
+            got = (host.get("Memory"), host.get("NanoCpus"), host.get("PidsLimit"))
+            if got != (memory_bytes, nano_cpus, pids_limit):
+                raise AgentUnavailable(f"engine did not apply the limits: {got}")
+
+        await self._call(f"update {container_id[:12]}", run)
 
     async def remove(self, container_id: str) -> None:
         def run(c: docker.APIClient) -> None:
@@ -316,5 +371,12 @@ class DockerBackend:
         return await self._call("list containers", run)
 
     async def close(self) -> None:
-        # Each worker owns its client; the sockets go with the threads.
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        # Each worker owns its client; the sockets go with the threads. Calls not begun are
+        # dropped, those under way may finish (bounded): a process that exits between a
+        # create and its start leaves a container in "Created", where no TTL ever runs.
+        loop = asyncio.get_running_loop()
+        done = loop.run_in_executor(
+            None, lambda: self._executor.shutdown(wait=True, cancel_futures=True)
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(done), CLOSE_WAIT_S)

@@ -95,15 +95,15 @@ def checkpoint_fields(
 
 def seal_checkpoint(fields: Mapping[str, Any], id: int, prev_hash: str) -> dict[str, Any]:
     """``fields`` as checkpoint ``id``, chained to the checkpoint before it (``prev_hash``)."""
-    body: dict[str, Any] = {**fields, "id": id, "prev_hash": prev_hash}
+    body: dict[str, Any] = {"id": id, **fields, "prev_hash": prev_hash}
     body["hash"] = chain_hash(prev_hash, body)
     return body
 
 
 def _problem(cp: Mapping[str, Any], kind: str, message: str) -> dict[str, Any]:
-    seq = cp.get("through_seq")
+    # Named by its checkpoint's id: it concerns no one record.
     return {
-        "seq": seq if isinstance(seq, int) else None,
+        "seq": None,
         "decision_id": None,
         "kind": kind,
         "message": message,

@@ -173,7 +173,9 @@ class DecisionLog:
 
         Raw rows, so that a malformed one is reported as a problem rather than raising; the
         whole check runs on a reader thread so a long log does not stall the event loop.
+        Records still on their way to the store (``durable=False``) are waited for first.
         """
+        await self.flush()
 
         def check(
             rows: Any, checkpoints: list[dict[str, Any]], witness: dict[str, Any] | None

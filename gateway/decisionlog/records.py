@@ -8,6 +8,8 @@ at fault for an edit, a deletion, an insertion or a reordering.
 The chain has no key: someone who can rewrite the whole tail of the log and recompute every
 hash after the change goes unnoticed unless the verifier is given the head hash or count it
 expects (``expected_head`` / ``expected_count``) from somewhere the attacker could not write.
+The hub's own head witness, and the checkpoints a prune leaves, are checked by
+``gateway.decisionlog.checkpoint.verify_log``.
 
 ``seal_record`` is the one function that extends a chain; ``record_to_row`` and
 ``row_to_json`` convert to and from the stored form (JSON text columns, 0/1 for ``allow``).

@@ -405,11 +405,12 @@ class _Check:
         max_seq = max(seq_to_pos) if seq_to_pos else self.start_seq - 1
         want_last = self.start_seq + expected_count - 1
         if max_seq < want_last:
+            head = f", head {_short(expected_head)}" if expected_head else ""
             self.report(
                 len(recs),
                 None,
                 "truncated",
-                f"the log ends at seq {max_seq} but {expected_count} records were expected: "
+                f"the log ends at seq {max_seq}, not at seq {want_last} as expected{head}: "
                 f"{_seq_range(max_seq + 1, want_last)} deleted from the end",
             )
             self.problems[-1][1].update(expected_count=expected_count, expected_head=expected_head)

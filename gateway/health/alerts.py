@@ -16,7 +16,7 @@ from gateway.clock import utcnow
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 
-log = get_logger("alerts")
+log = get_logger(__name__)
 SEVERITIES = ("info", "warning", "critical")
 
 

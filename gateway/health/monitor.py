@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 
 from gateway.clock import iso_utc
 from gateway.containers.backend import LABEL_TASK, ContainerBackend
@@ -23,7 +23,7 @@ from gateway.logs import get_logger
 from gateway.settings import MonitorSettings
 from gateway.store import Store
 
-log = get_logger("monitor")
+log = get_logger(__name__)
 Probe = Callable[[], Awaitable[object]]
 
 
@@ -41,6 +41,7 @@ class Monitor:
         alerts: Alerts,
         hub_id: str,
         settings: MonitorSettings,
+        owned: Callable[[], Collection[str]] = frozenset,
     ) -> None:
         # ``probes`` run in order every round and drive ``modes``; ``recover`` follows them
         # (it runs restart recovery once, when the probes let it).
@@ -52,6 +53,8 @@ class Monitor:
         self.alerts = alerts
         self.hub_id = hub_id
         self.settings = settings
+        # Containers no task owns that are not orphans (MCP servers, warm pools).
+        self._owned = owned
         self._last_orphan_scan = 0.0
         self._task: asyncio.Task[None] | None = None
 
@@ -115,10 +118,11 @@ class Monitor:
         if not containers:
             return []
         active = await self.store.active_task_ids()
+        owned = self._owned()
         grace = self.settings.orphan_grace_s
         removed = []
         for c in containers:
-            if c["labels"].get(LABEL_TASK) in active:
+            if c["labels"].get(LABEL_TASK) in active or c["id"] in owned:
                 continue
             # A container whose task just ended is being removed by its runner.
             if time.time() - float(c.get("created") or 0) < grace:

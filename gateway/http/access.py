@@ -3,6 +3,10 @@
 Each handler of the user, auditor and operator API calls ``authorize`` first, with the
 resource it touches when there is one (a task: read before deciding, so the policy sees its
 owner and state). The decision and what it maps to are in ``gateway.routers.access``.
+
+Between authentication and the policy come the caller's rate limits (``gateway.limits``):
+a call over one is refused (429) before anything is evaluated or logged.
+``admit_submission`` adds the submission's own limits for ``POST /v1/tasks``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from aiohttp import web
 from gateway.http.appkeys import HUB
 from gateway.http.middlewares import authenticate_optional
 from gateway.identity.apikeys import Subject
+from gateway.limits.limiter import Reservation
 from gateway.routers.access import Access, ApiCall
 
 # Query parameters passed to the policy: at most this many, each at most this long, so a
@@ -30,7 +35,6 @@ def api_call(request: web.Request) -> ApiCall:
     params: dict[str, Any] = dict(info)
     for name, value in list(request.query.items())[:MAX_PARAMS]:
         params.setdefault(name, value[:MAX_PARAM_CHARS])
-    peer = request.transport.get_extra_info("peername") if request.transport else None
     # HEAD is answered by the GET handler and is the same read.
     method = "GET" if request.method == "HEAD" else request.method
     return ApiCall(
@@ -38,8 +42,20 @@ def api_call(request: web.Request) -> ApiCall:
         route=route,
         params=params,
         protocol="http",
-        remote_addr=peer[0] if peer else None,
+        remote_addr=remote_addr(request),
     )
+
+
+def remote_addr(request: web.Request) -> str | None:
+    """The peer's address (what an anonymous caller's limits are keyed by)."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return peer[0] if peer else None
+
+
+def admit_submission(request: web.Request) -> Reservation:
+    """The submission limits of the caller (its ``submit`` bucket, its ``pending`` quota),
+    before any policy; use as ``with admit_submission(request):`` around the submission."""
+    return request.app[HUB].limiter.submission(authenticate_optional(request), remote_addr(request))
 
 
 async def authorize(
@@ -48,10 +64,14 @@ async def authorize(
     """Authenticate (if a key is presented) and decide the call; raise on a denial."""
     subject = authenticate_optional(request)
     hub = request.app[HUB]
-    if not hub.has_config and resource is not None and resource.get("kind") == "public":
+    public = resource is not None and resource.get("kind") == "public"
+    if not hub.has_config and public:
         # With no policy loaded at all the hub is degraded; its health, readiness, metrics
         # and description stay up so operators can see why. Every other call is a 503.
         return subject, Access(None, "own")
+    if not public:
+        # Probes of health and metrics are never limited: a flood must not blind them.
+        hub.limiter.api_call(subject, remote_addr(request))
     access = await hub.access.authorize(subject, api_call(request), resource)
     return subject, access
 

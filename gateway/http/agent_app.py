@@ -8,6 +8,7 @@ listens on ``--host``; this one listens on the address containers are given in
 |---|---|
 | ``POST /v1/messages`` | messages and delegations |
 | ``POST /v1/tasks/{task_id}/result`` | a result reported later |
+| ``POST /v1/tasks/{task_id}/progress`` | progress of the task it runs (task event streams) |
 | ``GET /v1/tasks/{task_id}`` | an agent's own or delegated task (JWT-SVID only) |
 | ``POST /v1/identity/renew``, ``GET /v1/identity/bundle`` | identities |
 | ``GET /healthz`` | liveness |
@@ -35,7 +36,7 @@ from gateway.http.middlewares import error_middleware
 from gateway.hub import Hub
 from gateway.logs import get_logger
 
-log = get_logger("http.agents")
+log = get_logger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 WILDCARDS = ("0.0.0.0", "::", "")
 

@@ -158,6 +158,29 @@ def agent_paths(max_wait_s: float) -> dict[str, Any]:
                 agent_route=True,
             )
         },
+        "/v1/tasks/{task_id}/progress": {
+            "post": operation(
+                "Report progress of the task this instance runs (its task event streams)",
+                {"202": json_response("the event id", {"type": "object"})},
+                security=SVID,
+                body=json_body(
+                    {
+                        "type": "object",
+                        "required": ["message"],
+                        "properties": {
+                            "message": {"type": "string", "maxLength": 2000},
+                            "fraction": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                            "sent_at": {"type": "number"},
+                        },
+                    }
+                ),
+                parameters=[
+                    param("task_id", "path", {"type": "string", "minLength": 1}, "task id")
+                ],
+                errors=[404],
+                agent_route=True,
+            )
+        },
         "/v1/identity/renew": {
             "post": operation(
                 "Exchange a valid JWT-SVID for a fresh one (same agent and container)",

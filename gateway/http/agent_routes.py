@@ -4,6 +4,7 @@
 |---|---|
 | ``POST /v1/messages`` | an agent (``Authorization: Bearer <JWT-SVID>``) |
 | ``POST /v1/tasks/{task_id}/result`` | the container instance running that task |
+| ``POST /v1/tasks/{task_id}/progress`` | the same (progress for the task's event streams) |
 | ``POST /v1/identity/renew`` | an agent with a still-valid token of this hub |
 | ``GET /v1/identity/bundle`` | anyone (public keys only) |
 
@@ -16,18 +17,21 @@ authentication and the status code of each outcome only: the routing logic is in
 from __future__ import annotations
 
 import datetime as dt
+import math
 from typing import Any
 
 from aiohttp import web
 
-from gateway.errors import BadRequest, Unauthorized, UnknownTask
+from gateway.errors import BadRequest, NotTaskOwner, PayloadTooLarge, Unauthorized, UnknownTask
 from gateway.http.appkeys import HUB
 from gateway.http.middlewares import read_json
 from gateway.http.views import child_view, delegated_view, delivered_view, replied_view
 from gateway.hub import Hub
+from gateway.routers.events import PROGRESS
 from gateway.routers.messages import Delegated, Replied, Sender
 
 SENDER = "agent_sender"
+MAX_PROGRESS_MESSAGE = 2000
 routes = web.RouteTableDef()
 
 
@@ -85,6 +89,8 @@ def _request_info(request: web.Request) -> dict[str, Any]:
 async def post_message(request: web.Request) -> web.Response:
     hub = request.app[HUB]
     sender = authenticate_agent(request)
+    # Before the policy and its log: a flood of messages is counted, not written.
+    hub.limiter.message(sender.identity.instance_id or sender.spiffe_id, sender.identity.agent)
     wait = _wait(request, hub)
     body = await read_json(request)
     # Only a delegation (a child task) records where its request came from.
@@ -93,9 +99,10 @@ async def post_message(request: web.Request) -> web.Response:
     idem = request.headers.get("Idempotency-Key")
     if idem is not None and not 1 <= len(idem) <= 255:
         raise BadRequest("Idempotency-Key must be 1 to 255 characters")
-    routed = await hub.messages.send(
-        sender, body, wait_s=wait, request=info, idempotency_key=idem if delegate else None
-    )
+    with hub.limiter.long_poll(wait if delegate else None):
+        routed = await hub.messages.send(
+            sender, body, wait_s=wait, request=info, idempotency_key=idem if delegate else None
+        )
     if isinstance(routed, Delegated):
         # 200 once the child has ended (within the wait), else 202: poll its Location.
         return web.json_response(
@@ -115,6 +122,40 @@ async def post_result(request: web.Request) -> web.Response:
     body = await read_json(request)
     task = await hub.messages.report_result(sender, request.match_info["task_id"], body)
     return web.json_response({"task_id": task.id, "state": task.state})
+
+
+@routes.post("/v1/tasks/{task_id}/progress")
+async def post_progress(request: web.Request) -> web.Response:
+    """``POST /v1/tasks/{task_id}/progress``: an event for the task's streams
+    (``GET /v1/tasks/{id}/events``, A2A streams)."""
+    hub = request.app[HUB]
+    sender = authenticate_agent(request)
+    task_id = request.match_info["task_id"]
+    if sender.instance is None or sender.instance.task_id != task_id:
+        raise NotTaskOwner(f"this instance does not run task {task_id}")
+    # Counted like messages: a progress flood is refused before it reaches any stream.
+    hub.limiter.message(sender.identity.instance_id or sender.spiffe_id, sender.identity.agent)
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise BadRequest("body must be an object", details=[{"pointer": "", "message": "object"}])
+    message = body.get("message")
+    fraction = body.get("fraction")
+    if not isinstance(message, str):
+        raise BadRequest("message must be a string", details=[{"pointer": "/message"}])
+    if len(message) > MAX_PROGRESS_MESSAGE:
+        raise PayloadTooLarge(f"message is over {MAX_PROGRESS_MESSAGE} characters")
+    if fraction is not None and (
+        not isinstance(fraction, int | float)
+        or isinstance(fraction, bool)
+        or not math.isfinite(fraction)
+        or not 0 <= fraction <= 1
+    ):
+        raise BadRequest("fraction must be a number in [0, 1]", details=[{"pointer": "/fraction"}])
+    data: dict[str, Any] = {"message": message, "fraction": fraction}
+    if isinstance(body.get("sent_at"), int | float):
+        data["sent_at"] = body["sent_at"]
+    event = hub.events.publish(task_id, PROGRESS, data)
+    return web.json_response({"task_id": task_id, "event_id": event.id}, status=202)
 
 
 @routes.post("/v1/identity/renew")
@@ -146,7 +187,8 @@ async def agent_get_task(request: web.Request) -> web.Response:
     if own is None or own not in (task.id, task.parent_id):
         raise UnknownTask(f"no task {task_id!r}")
     if wait and not task.terminal:
-        task = await hub.router.wait_for(task_id, wait)
+        with hub.limiter.long_poll(wait):
+            task = await hub.router.wait_for(task_id, wait)
     return web.json_response(child_view(task))
 
 

@@ -13,13 +13,16 @@ from aiohttp import web
 
 from gateway.containers.backend import ContainerBackend
 from gateway.errors import BadRequest, ConfigError, GatewayError, InvalidConfig
-from gateway.http.access import authorize, authorize_subject
+from gateway.http.a2a import setup_a2a_routes
+from gateway.http.access import admit_submission, authorize, authorize_subject
 from gateway.http.agent_routes import agent_get_task, presents_svid, setup_agent_routes
 from gateway.http.appkeys import HUB, KEYS, MAX_BODY
 from gateway.http.audit import setup_audit_routes
+from gateway.http.mcp import setup_mcp_routes
 from gateway.http.middlewares import error_middleware, read_json
 from gateway.http.openapi import openapi_document
 from gateway.http.openapi_parts import MAX_CURSOR_DIGITS
+from gateway.http.task_events import setup_task_event_routes
 from gateway.http.views import task_view
 from gateway.hub import Hub
 from gateway.routers.access import task_resource
@@ -74,8 +77,14 @@ def _cursor_param(request: web.Request) -> int | None:
 @routes.post("/v1/tasks")
 async def submit_task(request: web.Request) -> web.Response:
     hub = request.app[HUB]
-    subject, _ = await authorize_subject(request)
     wait = _float_param(request, "wait", 0, hub.settings.max_wait_s)
+    # Limits first: a refused submission is neither evaluated nor logged.
+    with admit_submission(request), hub.limiter.long_poll(wait):
+        return await _submit_task(request, hub, wait)
+
+
+async def _submit_task(request: web.Request, hub: Hub, wait: float | None) -> web.Response:
+    subject, _ = await authorize_subject(request)
     body = await read_json(request)
     idem = request.headers.get("Idempotency-Key")
     if idem is not None and not 1 <= len(idem) <= 255:
@@ -108,10 +117,11 @@ async def get_task(request: web.Request) -> web.Response:
     hub = request.app[HUB]
     wait = _float_param(request, "wait", 0, hub.settings.max_wait_s)
     task_id = request.match_info["task_id"]
-    task = await hub.router.get(task_id)
-    await authorize_subject(request, task_resource(task))
-    if wait and not task.terminal:
-        task = await hub.router.wait_for(task_id, wait)
+    with hub.limiter.long_poll(wait):  # before the policy, like every limit
+        task = await hub.router.get(task_id)
+        await authorize_subject(request, task_resource(task))
+        if wait and not task.terminal:
+            task = await hub.router.wait_for(task_id, wait)
     return web.json_response(task_view(task))
 
 
@@ -303,6 +313,9 @@ def create_app(settings: Settings, *, backend: ContainerBackend | None = None) -
     setup_audit_routes(app, hub)
     app.add_routes(routes)
     setup_agent_routes(app, hub)
+    setup_task_event_routes(app)
+    setup_a2a_routes(app, hub)
+    setup_mcp_routes(app, hub)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await hub.start()

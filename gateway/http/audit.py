@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.decisionlog.verify import PROBLEM_KINDS
 from gateway.http.access import authorize, authorize_subject
 from gateway.http.appkeys import HUB
 from gateway.http.openapi_parts import API_KEY, json_response, operation, ref, text_response
@@ -110,13 +111,43 @@ def audit_paths() -> dict[str, Any]:
                         # As stored: a tampered record's fields may have any type.
                         "seq": {},
                         "decision_id": {},
-                        "kind": {"enum": ["edited", "deleted", "inserted", "reordered"]},
+                        "kind": {"enum": list(PROBLEM_KINDS)},
                         "message": {"type": "string"},
+                        # On a truncated tail: what the hub's head witness says it wrote.
+                        "expected_count": {"type": ["integer", "null"]},
+                        "expected_head": {"type": ["string", "null"]},
+                        # On a problem with a prune's checkpoint: its id.
+                        "checkpoint": {},
                     },
                 },
             },
             "problems_total": {"type": "integer", "minimum": 0},
             "head": {"type": "string"},
+            "start_seq": {"type": "integer", "minimum": 1},
+            "checkpoint": {
+                "description": "the last prune's checkpoint: the records it replaced and the "
+                "SHA-256 of their export; null when the log was never pruned",
+                "type": ["object", "null"],
+                "properties": {
+                    "id": {"type": "integer"},
+                    "first_seq": {"type": "integer"},
+                    "through_seq": {"type": "integer"},
+                    "count": {"type": "integer"},
+                    "start_hash": {"type": "string"},
+                    "head_hash": {"type": "string"},
+                    "export_sha256": {"type": "string"},
+                    "export_name": {"type": "string"},
+                    "created_at": {"type": "string"},
+                    "prev_hash": {"type": "string"},
+                    "hash": {"type": "string"},
+                },
+            },
+            "witness": {
+                "description": "the records the hub wrote and the last one's hash, as it "
+                "recorded them with each append",
+                "type": ["object", "null"],
+                "properties": {"count": {"type": "integer"}, "head": {"type": "string"}},
+            },
             "verified_at": {"type": "string"},
             "revisions": ref("schemas", "Revisions"),
         },

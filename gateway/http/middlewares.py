@@ -27,7 +27,7 @@ from gateway.identity.apikeys import Subject
 from gateway.ids import uuid4_hex
 from gateway.logs import bound, get_logger
 
-log = get_logger("http")
+log = get_logger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SUBJECT = "subject"
 

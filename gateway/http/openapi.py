@@ -19,8 +19,10 @@ from typing import Any
 
 from gateway import __version__
 from gateway.errors import ERROR_CODES
+from gateway.http.a2a.openapi import a2a_paths
 from gateway.http.agent_openapi import AGENT_SCHEMAS, SECURITY_SCHEME, agent_paths
 from gateway.http.audit import audit_paths
+from gateway.http.mcp.openapi import mcp_paths
 from gateway.http.openapi_parts import (
     API_KEY,
     BODY_SCHEMAS,
@@ -70,6 +72,10 @@ def _response_schemas() -> dict[str, Any]:
         },
         "labels": {"type": ["object", "null"]},
         "sandbox": {"type": "object"},
+        "dispatch": {
+            "enum": ["warm", "cold"],
+            "description": "whether the task ran in a pooled (warm) container or a new one",
+        },
         "result": {"description": "the agent's output (succeeded)"},
         "error": ref("schemas", "TaskError"),
         "history": {
@@ -506,7 +512,12 @@ def openapi_document(
         inlined.setdefault(name, {"type": "object", "description": f"schemas/{rel}"})
     components.update(inlined)
     paths = _core_paths(settings.max_wait_s)
-    for path, ops in [*agent_paths(settings.max_wait_s).items(), *audit_paths().items()]:
+    for path, ops in [
+        *agent_paths(settings.max_wait_s).items(),
+        *audit_paths().items(),
+        *mcp_paths().items(),
+        *a2a_paths().items(),
+    ]:
         paths.setdefault(path, {}).update(ops)
     return {
         "openapi": "3.1.0",

@@ -31,6 +31,8 @@ def task_view(task: Task) -> dict[str, Any]:
     }
     if task.sandbox is not None:
         view["sandbox"] = task.sandbox
+    if task.dispatch is not None:
+        view["dispatch"] = task.dispatch  # "warm" (pooled container) or "cold"
     if task.result is not None:
         view["result"] = task.result
     if task.error is not None:

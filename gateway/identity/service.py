@@ -16,7 +16,7 @@ from gateway.errors import ConfigError, Degraded, InvalidToken, RevokedToken, Un
 from gateway.identity.svid import IssuedSvid, SvidIssuer, TokenVerifier, VerifiedIdentity
 from gateway.logs import get_logger
 
-log = get_logger("svids")
+log = get_logger(__name__)
 KEY_DIR = "svid-keys"
 # The environment variable that hands a container its JWT-SVID (read by the agent SDK).
 SVID_ENV = "AGENT_SVID"

@@ -380,37 +380,15 @@ class TokenVerifier:
         # The cheap checks come first so each failure gets a precise reason; the library
         # then repeats them strictly together with the signature, audience and expiry checks.
         header, claims = _peek(token)
-        alg = header.get("alg")
-        if alg not in ALLOWED_ALGS:
-            raise InvalidToken(f"alg {_q(alg)} is not allowed")
-        if header.get("typ", "JWT") not in ("JWT", "JOSE"):
-            raise InvalidToken(f"typ {_q(header.get('typ'))} is not allowed")
-        kid = header.get("kid")
-        if not kid or not isinstance(kid, str):
-            raise InvalidToken("token header has no kid")
-        sub = claims.get("sub")
-        if not sub or not isinstance(sub, str):
-            raise InvalidToken("token has no sub claim")
-        try:
-            spiffe_id = SpiffeId(sub)
-        except PySpiffeError as e:
-            raise InvalidToken(f"sub {_q(sub)} is not a valid SPIFFE ID") from e
+        kid = _check_header(header)
+        spiffe_id = _subject_of(claims)
         td = spiffe_id.trust_domain.name
         bundle = self._bundles.get(td)
         if bundle is None:
             raise InvalidToken(f"trust domain {_q(td)} is not trusted")
         if bundle.get_jwt_authority(kid) is None:
             raise InvalidToken(f"unknown key id {_q(kid)} for trust domain {_q(td)}")
-        exp = claims.get("exp")
-        if exp is None:
-            raise InvalidToken("token has no exp claim")
-        if not isinstance(exp, int) or isinstance(exp, bool):
-            raise InvalidToken("exp claim is not an integer")
-        now = self._clock()
-        if exp <= now:
-            raise _expired(exp)
-        if exp > now + self._max_ttl_s + 60:
-            raise InvalidToken(f"token lifetime exceeds the maximum of {self._max_ttl_s}s")
+        self._check_lifetime(claims)
         instance = claims.get(INSTANCE_CLAIM)
         if instance is not None and not isinstance(instance, str):
             raise InvalidToken(f"{INSTANCE_CLAIM} claim is not a string")
@@ -432,6 +410,18 @@ class TokenVerifier:
             jti=jti if isinstance(jti, str) else None,
         )
 
+    def _check_lifetime(self, claims: dict[str, Any]) -> None:
+        exp = claims.get("exp")
+        if exp is None:
+            raise InvalidToken("token has no exp claim")
+        if not isinstance(exp, int) or isinstance(exp, bool):
+            raise InvalidToken("exp claim is not an integer")
+        now = self._clock()
+        if exp <= now:
+            raise _expired(exp)
+        if exp > now + self._max_ttl_s + 60:
+            raise InvalidToken(f"token lifetime exceeds the maximum of {self._max_ttl_s}s")
+
     def _translate(self, e: Exception) -> InvalidToken:
         # py-spiffe wraps PyJWT's errors in InvalidTokenError; the cause says what failed.
         cause = e.__cause__ if isinstance(e.__cause__, jwt.PyJWTError) else e
@@ -452,3 +442,26 @@ class TokenVerifier:
         if isinstance(cause, jwt.PyJWTError | PySpiffeError):
             return InvalidToken(f"token is invalid: {cause}")
         return InvalidToken("token could not be validated")
+
+
+def _check_header(header: dict[str, Any]) -> str:
+    """The header's kid, once alg and typ are ones we accept."""
+    alg = header.get("alg")
+    if alg not in ALLOWED_ALGS:
+        raise InvalidToken(f"alg {_q(alg)} is not allowed")
+    if header.get("typ", "JWT") not in ("JWT", "JOSE"):
+        raise InvalidToken(f"typ {_q(header.get('typ'))} is not allowed")
+    kid = header.get("kid")
+    if not kid or not isinstance(kid, str):
+        raise InvalidToken("token header has no kid")
+    return kid
+
+
+def _subject_of(claims: dict[str, Any]) -> SpiffeId:
+    sub = claims.get("sub")
+    if not sub or not isinstance(sub, str):
+        raise InvalidToken("token has no sub claim")
+    try:
+        return SpiffeId(sub)
+    except PySpiffeError as e:
+        raise InvalidToken(f"sub {_q(sub)} is not a valid SPIFFE ID") from e

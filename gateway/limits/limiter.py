@@ -32,7 +32,7 @@ from gateway.limits.buckets import BucketTable
 from gateway.limits.model import Limits, Rate
 from gateway.logs import get_logger
 
-log = get_logger("limits")
+log = get_logger(__name__)
 
 # Retry-After (s) for a quota (pending tasks, long polls): no clock says when a slot frees,
 # so a short fixed pause, documented in the README.
@@ -47,8 +47,8 @@ def caller_key(subject: Subject | None, remote_addr: str | None) -> str:
     return "addr:" + (remote_addr or "unknown")
 
 
-class _Release:
-    """Gives back a reservation (a pending slot, a long-poll slot) on exit."""
+class Reservation:
+    """A slot held (a pending task being submitted, a long poll), given back on exit."""
 
     __slots__ = ("_counts", "_key")
 
@@ -70,7 +70,7 @@ class _Release:
             self._counts = None
 
 
-_NOTHING = _Release(None)
+_NOTHING = Reservation(None)
 
 
 class Limiter:
@@ -113,7 +113,7 @@ class Limiter:
         if own.requests is not None:
             self._take("requests", caller_key(subject, remote_addr), own.requests)
 
-    def submission(self, subject: Subject | None, remote_addr: str | None) -> _Release:
+    def submission(self, subject: Subject | None, remote_addr: str | None) -> Reservation:
         """``POST /v1/tasks``: the ``submit`` bucket, then a reserved pending slot.
 
         Use as ``with limiter.submission(...):`` around the whole submission.
@@ -136,7 +136,7 @@ class Limiter:
                 details={"quota": own.pending, "pending": held},
             )
         self._reserved[subject.id] = self._reserved.get(subject.id, 0) + 1
-        return _Release(self._reserved, subject.id)
+        return Reservation(self._reserved, subject.id)
 
     def message(self, instance_key: str, agent: str | None) -> None:
         """``POST /v1/messages``: the sending instance's ``messages`` bucket."""
@@ -147,7 +147,7 @@ class Limiter:
         if rate is not None:
             self._take("messages", "instance:" + instance_key, rate)
 
-    def long_poll(self, wait_s: float | None) -> _Release:
+    def long_poll(self, wait_s: float | None) -> Reservation:
         """A call with ``?wait=`` > 0: one of the hub's ``long_polls`` slots while it waits.
 
         Use as ``with limiter.long_poll(wait):``; a call without a wait takes no slot.
@@ -166,7 +166,7 @@ class Limiter:
                     details={"quota": cap},
                 )
         self._polls["hub"] = self._polls.get("hub", 0) + 1
-        return _Release(self._polls, "hub")
+        return Reservation(self._polls, "hub")
 
     # -- refusals
 

@@ -137,7 +137,9 @@ class Limits:
     def for_instance(self, agent: str | None) -> InstanceLimits:
         """The limits of one instance of ``agent``."""
         override = self.agents.get(agent or "")
-        return _apply(self.instance_default, override) if override else self.instance_default  # type: ignore[no-any-return]
+        if not override:
+            return self.instance_default
+        return _apply(self.instance_default, override)  # type: ignore[no-any-return]
 
     @property
     def enabled(self) -> bool:

@@ -362,16 +362,21 @@ def format_report(report: TestReport, verbose: bool = False) -> str:
         if n or (outcome == "pass" and report.ok):
             lines.append(f"{outcome.upper()}: {n}/{total}")
     if report.coverage is not None:
-        lines.append("")
-        lines.append("Coverage:")
-        hit_all = miss_all = 0
-        for path, c in report.coverage.items():
-            hit, miss = len(c["covered"]), len(c["not_covered"])
-            hit_all, miss_all = hit_all + hit, miss_all + miss
-            line = f"  {path}: {c['percent']:.2f}% ({hit}/{hit + miss} lines)"
-            if c["not_covered"]:
-                line += f", not covered: {_ranges(c['not_covered'])}"
-            lines.append(line)
-        overall = 100.0 * hit_all / (hit_all + miss_all) if hit_all + miss_all else 100.0
-        lines.append(f"  total: {overall:.2f}%")
+        lines.extend(_coverage_text(report.coverage))
     return "\n".join(lines) + "\n"
+
+
+def _coverage_text(coverage: dict[str, Any]) -> list[str]:
+    """The coverage part of the text report: one line per file, then the total."""
+    lines = ["", "Coverage:"]
+    hit_all = miss_all = 0
+    for path, c in coverage.items():
+        hit, miss = len(c["covered"]), len(c["not_covered"])
+        hit_all, miss_all = hit_all + hit, miss_all + miss
+        line = f"  {path}: {c['percent']:.2f}% ({hit}/{hit + miss} lines)"
+        if c["not_covered"]:
+            line += f", not covered: {_ranges(c['not_covered'])}"
+        lines.append(line)
+    overall = 100.0 * hit_all / (hit_all + miss_all) if hit_all + miss_all else 100.0
+    lines.append(f"  total: {overall:.2f}%")
+    return lines

@@ -47,7 +47,7 @@ from gateway.routers.tasks import DecisionSink, TaskRouter
 from gateway.settings import MessageSettings
 from gateway.store import Task
 
-log = get_logger("messages")
+log = get_logger(__name__)
 MESSAGES_PATH = "gateway/messages/decision"
 KINDS_DIR = "messages/kinds/"
 MESSAGE_ENDPOINT = "/message"

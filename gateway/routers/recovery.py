@@ -13,6 +13,11 @@ Runs once when the hub starts, after config is loaded and before new work is acc
 Containers labelled with this hub's id that no unfinished task owns (or a second one of a
 task) are orphans: alerted, then removed. The same scan runs periodically
 (``gateway.health.monitor``).
+
+Pooled containers (``io.agent-gateway.pool``, no task label) of the previous run: one that
+an unfinished task recorded as its container is that task's (re-attached like any); the
+others are removed without an alert, not adopted: they were warmed under the registry of
+the last run, and the pool refills with the current one within seconds.
 """
 
 from __future__ import annotations
@@ -22,15 +27,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.bundle.registry import Registry
-from gateway.containers.backend import LABEL_TASK, ContainerBackend
+from gateway.containers.backend import LABEL_INSTANCE, LABEL_POOL, LABEL_TASK, ContainerBackend
+from gateway.containers.pools import WarmPools
 from gateway.errors import GatewayError
 from gateway.health.alerts import Alerts
 from gateway.logs import get_logger
 from gateway.routers.tasks import TaskRouter
 from gateway.settings import RecoverySettings
-from gateway.store import Store
+from gateway.store import Store, Task
 
-log = get_logger("recovery")
+log = get_logger(__name__)
 
 
 @dataclass
@@ -42,6 +48,7 @@ class RecoveryReport:
     timed_out: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
+    pooled_removed: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -51,6 +58,7 @@ class RecoveryReport:
             "timed_out": len(self.timed_out),
             "failed": len(self.failed),
             "orphans_removed": len(self.orphans),
+            "pooled_removed": len(self.pooled_removed),
             "seconds": round(self.seconds, 3),
         }
 
@@ -64,6 +72,7 @@ async def recover(
     hub_id: str,
     alerts: Alerts,
     settings: RecoverySettings,
+    pools: WarmPools | None = None,
 ) -> RecoveryReport:
     """Reconcile the store with the container engine; see the module docstring.
 
@@ -72,13 +81,24 @@ async def recover(
     started = time.perf_counter()
     report = RecoveryReport()
     containers = await backend.list_managed(hub_id)
+    owned = pools.owned() if pools is not None else set()
     by_task: dict[str, list[dict[str, Any]]] = {}
+    pooled: dict[str, dict[str, Any]] = {}
     for c in containers:
+        if LABEL_POOL in c["labels"] and LABEL_TASK not in c["labels"]:
+            if c["id"] not in owned:  # the pool of this run holds its own
+                pooled[c["id"]] = c
+            continue
         by_task.setdefault(c["labels"].get(LABEL_TASK, ""), []).append(c)
     now = time.time()
     spares: list[dict[str, Any]] = []
-    for task in await store.active_tasks():
-        container = _pick(task.container_id, by_task.pop(task.id, []), spares)
+    tasks = await store.active_tasks()
+    for task in tasks:
+        # A warm container carries no task label: the task recorded its id.
+        if task.container_id in pooled:
+            by_task.setdefault(task.id, []).append(pooled.pop(task.container_id))
+    for task in tasks:
+        container = _pick(task, by_task.pop(task.id, []), spares)
         agent = registry.agents.get(task.agent)
         if task.deadline <= now:
             await router.end(
@@ -133,26 +153,39 @@ async def recover(
             container=orphan["name"],
         )
         await _remove(backend, orphan)
+    for stale in pooled.values():
+        report.pooled_removed.append(stale["name"])
+        await _remove(backend, stale)
     report.seconds = time.perf_counter() - started
     log.info("recovery done", extra=report.to_json())
     return report
 
 
 def _pick(
-    recorded: str | None, found: list[dict[str, Any]], spares: list[dict[str, Any]]
+    task: Task, found: list[dict[str, Any]], spares: list[dict[str, Any]]
 ) -> dict[str, Any] | None:
     """The task's container among those labelled with it; the others go to ``spares``.
 
-    A hub killed while the engine was creating a container can leave a second one for a
-    task it then re-dispatched: the recorded one wins, then a running one, then the newest.
+    A hub killed while the engine was creating a container can leave one for an attempt it
+    then re-dispatched: only a container of the task's current instance (its token is the
+    one that verifies) may be re-attached; of those the recorded one wins, then a running
+    one, then the newest.
     """
-    if not found:
+    current = [
+        c for c in found if c["labels"].get(LABEL_INSTANCE, task.instance_id) == task.instance_id
+    ]
+    spares.extend(c for c in found if c not in current)
+    if not current:
         return None
-    found.sort(
-        key=lambda c: (c["id"] == recorded, c.get("state") == "running", c.get("created") or 0)
+    current.sort(
+        key=lambda c: (
+            c["id"] == task.container_id,
+            c.get("state") == "running",
+            c.get("created") or 0,
+        )
     )
-    spares.extend(found[:-1])
-    return found[-1]
+    spares.extend(current[:-1])
+    return current[-1]
 
 
 async def _remove(backend: ContainerBackend, container: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import time
@@ -23,11 +24,13 @@ from gateway.agents.instances import Instance, InstanceRegistry, LineageEntry
 from gateway.bundle.config import TASK_SCHEMA, Config
 from gateway.bundle.registry import AgentSpec
 from gateway.clock import iso_utc
-from gateway.containers.backend import ContainerBackend, ContainerHandle
+from gateway.containers.backend import LABEL_INSTANCE, ContainerBackend, ContainerHandle
 from gateway.containers.guardrails import build_spec
+from gateway.containers.pools import Warm, WarmPools
 from gateway.decisionlog.masking import SecretPointers
 from gateway.errors import (
     AgentTimeout,
+    BadRequest,
     Degraded,
     GatewayError,
     GuardrailViolation,
@@ -36,12 +39,13 @@ from gateway.errors import (
     SchemaViolation,
 )
 from gateway.identity.apikeys import Subject
+from gateway.identity.service import SVID_ENV
 from gateway.limits.quotas import SubjectQuotas
 from gateway.logs import bound, get_logger
 from gateway.policy.engine import DISPATCH_QUERY, Decision
 from gateway.store import ACTIVE_STATES, Store, Task
 
-log = get_logger("tasks")
+log = get_logger(__name__)
 DISPATCH_PATH = "gateway/dispatch/decision"
 
 
@@ -124,6 +128,12 @@ class TaskRouter:
         # contract (e.g. the output schema) of a task already in flight.
         self._accepted_under: dict[str, Config] = {}
         self.dispatch_observer: Callable[[str, float], None] | None = None
+        # Warm containers (gateway.containers.pools), asked after the decision; None: cold.
+        self.pool: WarmPools | None = None
+        # Whether each accepted task's decision lets its container serve its owner again.
+        self._reuse: dict[str, bool] = {}
+        # Told (task id, state, terminal) after each state a task enters (events fan-out).
+        self.state_observer: Callable[[str, str, bool], None] | None = None
 
     # -- submission
 
@@ -156,6 +166,11 @@ class TaskRouter:
 
         if "agent" in envelope:
             candidates = [config.registry.get(envelope["agent"])]
+            if candidates[0].protocol == "mcp":
+                raise BadRequest(
+                    f"agent {candidates[0].name!r} is an MCP server: call its tools at /mcp",
+                    details={"tools": [f"{candidates[0].name}.{t}" for t in candidates[0].tools]},
+                )
         else:
             candidates = config.registry.with_capability(envelope["capability"])
 
@@ -192,6 +207,7 @@ class TaskRouter:
                 lineage = parent.child_lineage() if parent else ()
                 self._accepted_under[task_id] = config
                 self._start_runner(task, agent, sandbox, subject=subject, lineage=lineage)
+                self._observe(task_id, "pending")
             return task, created
         assert first_error is not None
         raise first_error
@@ -257,6 +273,7 @@ class TaskRouter:
                 )
             log.info("dispatch allowed")
         assert sandbox is not None
+        self._reuse[task_id] = decision.extra.get("reuse") is True
         return decision_id, sandbox
 
     def _spec(
@@ -312,6 +329,7 @@ class TaskRouter:
     def _forget(self, task_id: str, opened: Instance | None = None) -> None:
         self._runners.pop(task_id, None)
         self._accepted_under.pop(task_id, None)
+        self._reuse.pop(task_id, None)
         self.quotas.leave(task_id)
         if (
             opened is not None
@@ -353,6 +371,8 @@ class TaskRouter:
         """
         task_id = task.id
         handle: ContainerHandle | None = None
+        warm: Warm | None = None
+        keep_for: str | None = None  # the owner a reusable warm container goes back to
         start = time.monotonic()
         timeout_s = float(task.timeout_s)
         with bound(task_id=task_id, decision_id=task.decision_id, agent=agent.name):
@@ -388,28 +408,56 @@ class TaskRouter:
                                 task_id, container_id=handle.id, container_name=handle.name
                             )
                         else:
-                            spec = self._spec(agent, sandbox, task_id, timeout_s, instance.env)
                             # The instance id (bound into the token) is stored before the
-                            # container exists: a hub killed right after start() re-attaches
-                            # the container under the identity its token names.
+                            # container exists or is handed the task: a hub killed right
+                            # after start() re-attaches it under the identity its token names.
                             await self._move(
                                 task_id,
                                 "dispatched",
                                 ("pending",),
                                 instance_id=instance.instance_id,
                             )
-                            handle = await self.backend.start(spec)
+                            if self.pool is not None:
+                                # Policy first (decided at submit), then the pool: a warm
+                                # container only with exactly the sandbox granted.
+                                warm = await self.pool.acquire(
+                                    agent,
+                                    sandbox,
+                                    owner=subject.id,
+                                    reuse=self._reuse.get(task_id, False),
+                                    timeout_s=max(0.0, task.deadline - time.time()),
+                                )
+                            if warm is not None:
+                                handle = warm.handle
+                            else:
+                                spec = self._spec(agent, sandbox, task_id, timeout_s, instance.env)
+                                # Recovery tells this attempt's container from one a killed
+                                # hub left half-created for an earlier attempt by this label.
+                                spec = dataclasses.replace(
+                                    spec,
+                                    labels={**spec.labels, LABEL_INSTANCE: instance.instance_id},
+                                )
+                                handle = await self._started(task_id, self.backend.start(spec))
                             await self.store.update_task(
-                                task_id, container_id=handle.id, container_name=handle.name
+                                task_id,
+                                container_id=handle.id,
+                                container_name=handle.name,
+                                dispatch="warm" if warm is not None else "cold",
                             )
-                        await self.agents.wait_ready(handle, self.options.ready_timeout_s)
+                        if warm is None:
+                            # A warm container answered /health before it was pooled.
+                            await self.agents.wait_ready(handle, self.options.ready_timeout_s)
                         self.instances.ready(instance, handle)
                         if task.state != "running" or attach_to is None:
                             await self._move(task_id, "running", ("dispatched",))
                         if self.dispatch_observer:
                             self.dispatch_observer(agent.name, time.monotonic() - start)
-                        reply = await self._hand_over(task, agent, handle)
-                        await self._complete(task_id, agent, reply)
+                        # A warm container had no identity: its token comes with the task.
+                        svid = instance.env.get(SVID_ENV) if warm is not None else None
+                        reply = await self._hand_over(task, agent, handle, svid=svid)
+                        succeeded = await self._complete(task_id, agent, reply)
+                        if warm is not None and succeeded and self._reuse.get(task_id):
+                            keep_for = subject.id
             except (TimeoutError, AgentTimeout):
                 # Either clock may fire first (the task's deadline, or the HTTP read timeout
                 # set to the same deadline); both mean the agent ran out of time.
@@ -423,9 +471,13 @@ class TaskRouter:
                 # shutdown: it stays, to be re-attached by the next start (or end at its TTL).
                 if instance is not None and not self._detaching:
                     self.instances.close(instance)
-                if handle is not None and (not self._detaching or await self._ended(task_id)):
+                if warm is not None and not self._detaching:
+                    await self._release(warm, None)
+                elif handle is not None and (
+                    not self._detaching or await self._ended(task_id)
+                ):
                     await self._remove_soon(handle)
-                handle = None
+                handle = warm = None
                 raise
             except GatewayError as e:
                 await self._finish(task_id, "failed", error=e.to_json()["error"])
@@ -441,11 +493,43 @@ class TaskRouter:
                 if instance is not None and not self._detaching:
                     # Revoked before removal: the token dies with the task, not after.
                     self.instances.close(instance)
-                if handle is not None:
+                if warm is not None:
+                    await self._release(warm, keep_for)
+                elif handle is not None:
                     await self._remove_soon(handle)
                 self._signal(task_id)
 
-    async def _hand_over(self, task: Task, agent: AgentSpec, handle: ContainerHandle) -> Any:
+    async def _started(self, task_id: str, starting: Any) -> ContainerHandle:
+        """Await a container start that a cancellation cannot cut in two.
+
+        The engine call runs on a worker thread that a cancelled await does not stop: the
+        container would be created (or started) anyway and left to the orphan scan. So a
+        cancel waits for the call to end and removes what it made, unless the hub is
+        shutting down (then the container stays for recovery).
+        """
+        job = asyncio.ensure_future(starting)
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            if self._detaching:
+                # Shutting down: what the engine makes is re-attached (running) or removed
+                # (created, never started) by recovery at the next start.
+                raise
+            with contextlib.suppress(BaseException):
+                await self._remove_soon(await asyncio.shield(job))
+            raise
+
+    async def _release(self, warm: Warm, owner: str | None) -> None:
+        """Give a warm container back to the pool (kept for ``owner``, or removed)."""
+        assert self.pool is not None
+        job = asyncio.ensure_future(self.pool.release(warm, owner=owner))
+        self._removals.add(job)
+        job.add_done_callback(self._removals.discard)
+        await asyncio.shield(job)
+
+    async def _hand_over(
+        self, task: Task, agent: AgentSpec, handle: ContainerHandle, *, svid: str | None = None
+    ) -> Any:
         """POST the task to the agent; its answer, or the result it reports through the hub.
 
         An agent may answer 202 and report later (``POST /v1/tasks/{id}/result``), or report
@@ -458,7 +542,8 @@ class TaskRouter:
             self.agents.post(
                 handle,
                 agent.endpoint,
-                {"task_id": task_id, "input": task.input, "deadline": task.deadline},
+                {"task_id": task_id, "input": task.input, "deadline": task.deadline}
+                | ({"svid": svid} if svid else {}),
                 max(0.001, task.deadline - time.time()),
             )
         )
@@ -474,14 +559,15 @@ class TaskRouter:
         reply = post.result()
         return await report if isinstance(reply, Accepted) else reply
 
-    async def _complete(self, task_id: str, agent: AgentSpec, reply: Any) -> None:
+    async def _complete(self, task_id: str, agent: AgentSpec, reply: Any) -> bool:
+        """Record the agent's reply as the task's end; whether it succeeded."""
         if not isinstance(reply, dict) or "output" not in reply:
             await self._finish(
                 task_id,
                 "failed",
                 error={"code": "agent_protocol", "message": "agent reply has no 'output'"},
             )
-            return
+            return False
         output = reply["output"]
         config = self._accepted_under.get(task_id) or self._config()
         errors = config.schemas.errors(agent.output_schema, output, "/output")
@@ -495,8 +581,9 @@ class TaskRouter:
                     "details": errors,
                 },
             )
-            return
+            return False
         await self._finish(task_id, "succeeded", result=output)
+        return True
 
     async def _move(
         self, task_id: str, state: str, allowed: tuple[str, ...], **fields: Any
@@ -506,6 +593,7 @@ class TaskRouter:
         except InvalidState:
             # Someone (cancel) ended the task first; stop working on it.
             raise asyncio.CancelledError from None
+        self._observe(task_id, state)
 
     async def _finish(self, task_id: str, state: str, **fields: Any) -> None:
         try:
@@ -513,7 +601,13 @@ class TaskRouter:
             log.info("task finished", extra={"state": state})
         except InvalidState:
             pass  # already terminal (e.g. cancelled while the agent answered)
+        else:
+            self._observe(task_id, state)
         self._signal(task_id)
+
+    def _observe(self, task_id: str, state: str) -> None:
+        if self.state_observer is not None:
+            self.state_observer(task_id, state, state not in ACTIVE_STATES)
 
     async def _ended(self, task_id: str) -> bool:
         """Whether the store has the task in a terminal state (its container is done)."""
@@ -659,6 +753,7 @@ class TaskRouter:
         await self.store.transition(
             task_id, "cancelled", allowed_from=ACTIVE_STATES, detail=f"cancelled by {by}"
         )
+        self._observe(task_id, "cancelled")
         runner = self._runners.get(task_id)
         if runner is not None:
             runner.cancel()

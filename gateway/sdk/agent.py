@@ -16,7 +16,10 @@ Usage::
 The hub starts the container with ``AGENT_PORT``, ``AGENT_NAME``, ``AGENT_TASK_ID``,
 ``GATEWAY_URL`` and ``AGENT_SVID`` (its JWT-SVID) in its environment; ``ctx.client`` (a
 ``GatewayClient``) uses the last two to send messages, delegate and report results.
-``@agent.message`` answers messages routed by the hub; ``@agent.background_task`` answers
+A container from a warm pool starts with neither ``AGENT_SVID`` nor ``AGENT_TASK_ID``: the hub
+sends the token minted for the task in the ``POST /task`` body (``svid``), and from then on
+``ctx.client`` and ``agent.client`` call the hub with it. ``@agent.message`` answers messages
+routed by the hub; ``@agent.background_task`` answers
 ``POST /task`` with 202 at once and reports the result when the function returns, again and
 again until the hub acknowledges it or the task's deadline passes (so a hub restart loses
 no result; ``GatewayClient.report`` lists which answers end the retries).
@@ -70,6 +73,20 @@ class TaskContext:
         """Seconds until the hub gives up on this task, if it said."""
         return None if self.deadline is None else max(0.0, self.deadline - time.time())
 
+    def progress(self, message: str, fraction: float | None = None) -> bool:
+        """Tell the task's watchers how far it got (A2A streams, ``/v1/tasks/{id}/events``).
+
+        Best effort: whether the hub took it; a refused or lost report never fails the task.
+        """
+        if self.client is None or not self.task_id or not self.client.url:
+            return False
+        try:
+            self.client.progress(self.task_id, message, fraction)
+        except HubError as e:
+            print(f"progress of task {self.task_id} not reported: {e}", file=sys.stderr)
+            return False
+        return True
+
 
 class Agent:
     """An agent: register handlers with the decorators, then ``run()``."""
@@ -79,6 +96,7 @@ class Agent:
         self.env: Mapping[str, str] = os.environ if env is None else env
         self.name = name or self.env.get("AGENT_NAME", "agent")
         self._client: GatewayClient | None = None
+        self._svid: str | None = None  # the token the last task brought in its body
         self._background = False
         self._task: TaskHandler | None = None
         self._message: MessageHandler | None = None
@@ -94,7 +112,10 @@ class Agent:
 
     def background_task(self, func: TaskHandler) -> TaskHandler:
         """Decorator: like ``task``, but ``POST /task`` is answered 202 at once and the
-        output (or AgentError) is reported later through ``POST /v1/tasks/{id}/result``."""
+        output (or AgentError) is reported later through ``POST /v1/tasks/{id}/result``.
+
+        The same task handed over again once it has a result (by a restarted hub) is
+        answered with that result directly."""
         self._task = func
         self._background = True
         return func
@@ -118,6 +139,13 @@ class Agent:
         return self._client
 
     def context(self, body: dict[str, Any]) -> TaskContext:
+        """The context of the task in ``body``; a ``svid`` there becomes this agent's token."""
+        svid = body.get("svid")
+        if isinstance(svid, str) and svid:
+            with self._lock:
+                if svid != self._svid:  # a new task's token (the same one comes again
+                    self._svid = svid  # on a repeated hand-over, maybe renewed since)
+                    self._client = GatewayClient(token=svid, env=self.env)
         return TaskContext(
             agent=self.name,
             task_id=body.get("task_id") or self.env.get("AGENT_TASK_ID"),
@@ -156,18 +184,21 @@ class Agent:
             return self._results[task_id]
         result = _call(lambda: {"output": self._task(body.get("input"), self.context(body))})
         with self._lock:
-            self._results[task_id] = result
-            while len(self._results) > 64:
-                self._results.pop(next(iter(self._results)))
+            self._remember(task_id, result)
             self._running.pop(task_id, None)
         running.set()
         return result
 
     def _start_background(self, task_id: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         with self._lock:
-            first = task_id not in self._running and task_id not in self._results
+            done = self._results.get(task_id)
+            first = done is None and task_id not in self._running
             if first:
                 self._running[task_id] = threading.Event()
+        if done is not None:
+            # A restarted hub hands the task over again: the result goes back at once (the
+            # hub takes whichever comes first, this answer or the report).
+            return done
         if first:
             threading.Thread(target=self._run_background, args=(task_id, body), daemon=True).start()
         return 202, {"accepted": True, "task_id": task_id}
@@ -176,6 +207,11 @@ class Agent:
         status, result = _call(
             lambda: {"output": self._task(body.get("input"), self.context(body))}
         )
+        with self._lock:
+            self._remember(task_id, (status, result))
+            event = self._running.pop(task_id, None)
+        if event is not None:
+            event.set()
         deadline = body.get("deadline")
         if not isinstance(deadline, int | float):
             deadline = time.time() + REPORT_WITHOUT_DEADLINE_S
@@ -189,11 +225,12 @@ class Agent:
                 self.client.report_error(task_id, err["code"], err["message"], deadline=deadline)
         except HubError as e:
             print(f"reporting task {task_id} failed: {e}", file=sys.stderr)
-        with self._lock:
-            self._results[task_id] = (202, {"accepted": True, "task_id": task_id})
-            event = self._running.pop(task_id, None)
-        if event is not None:
-            event.set()
+
+    def _remember(self, task_id: str, result: tuple[int, dict[str, Any]]) -> None:
+        """Keep a task's result for a repeated hand-over (the last 64; under ``_lock``)."""
+        self._results[task_id] = result
+        while len(self._results) > 64:
+            self._results.pop(next(iter(self._results)))
 
     def handle_message(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """Run the message handler on a delivered message; return (status, response body)."""

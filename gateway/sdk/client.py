@@ -23,7 +23,6 @@ events and broadcasts are sent once: a repeat could be handled twice.
 from __future__ import annotations
 
 import base64
-import functools
 import http.client
 import json
 import os
@@ -75,7 +74,7 @@ def is_transient(error: HubError) -> bool:
 
 
 def retry_until(
-    call: Callable[[], T], until: float, *, first_s: float = 0.2, max_s: float = 3.0
+    call: Callable[[], T], until: float, *, first_s: float = 0.1, max_s: float = 1.0
 ) -> T:
     """``call()`` until it returns, raises a non-transient HubError or ``until`` (epoch s)
     passes (then its last error); backoff doubles from ``first_s`` up to ``max_s``."""
@@ -194,35 +193,42 @@ class GatewayClient:
     ) -> dict[str, Any]:
         """Create a child task on agent ``to``; return its view (finished if within wait_s).
 
-        Retried on a transient failure for up to ``retry_s`` under one ``idempotency_key``
-        (a fresh one unless given), so a hub restart mid-call makes no second child.
+        Retried on a transient failure under one ``idempotency_key`` (a fresh one unless
+        given), so a hub restart mid-call makes no second child: a repeat waits only for
+        what is left of ``wait_s``, and gives up ``retry_s`` after it.
         """
         payload: dict[str, Any] = {"input": input}
         if timeout_s is not None:
             payload["timeout_s"] = timeout_s
-        query = f"?wait={wait_s:g}" if wait_s else ""
         headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
         envelope = _envelope("delegate", "task.delegate", payload, to=to)
-        return retry_until(
-            lambda: self._call(
+        wait_until = time.time() + wait_s
+
+        def once() -> dict[str, Any]:
+            left = wait_until - time.time() if wait_s else 0
+            query = f"?wait={left:.3f}" if left > 0 else ""
+            return self._call(
                 "POST",
                 "/v1/messages" + query,
                 envelope,
-                timeout_s=wait_s + self.timeout_s,
+                timeout_s=max(0.0, left) + self.timeout_s,
                 headers=headers,
-            )[1],
-            time.time() + self.retry_s,
-        )
+            )[1]
+
+        return retry_until(once, wait_until + self.retry_s)
 
     def wait_task(self, task: dict[str, Any] | str, wait_s: float) -> dict[str, Any]:
         """Poll a delegated task until it ends or ``wait_s`` passes; return its last view."""
         view = task if isinstance(task, dict) else {"task_id": task, "state": "pending"}
         deadline = time.time() + wait_s
+        task_id = view["task_id"]
+
+        def poll() -> dict[str, Any]:
+            return self.task(task_id, wait_s=max(0.001, min(deadline - time.time(), POLL_S)))
+
         while view["state"] in ("pending", "dispatched", "running"):
-            left = deadline - time.time()
-            if left <= 0:
+            if deadline - time.time() <= 0:
                 break
-            poll = functools.partial(self.task, view["task_id"], wait_s=min(left, POLL_S))
             try:
                 view = retry_until(poll, deadline)
             except HubError as e:
@@ -292,6 +298,11 @@ class GatewayClient:
             if taken:
                 return taken[-1]  # taken, but not known to be recorded by the deadline
             raise
+
+    def progress(self, task_id: str, message: str, fraction: float | None = None) -> int:
+        """Report progress of the task this agent runs; the event id the hub gave it."""
+        body = {"message": message, "fraction": fraction, "sent_at": time.time()}
+        return int(self._call("POST", f"/v1/tasks/{task_id}/progress", body)[1]["event_id"])
 
     def renew(self) -> str:
         """Exchange the current token for a fresh one now; return it."""

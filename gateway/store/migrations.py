@@ -146,12 +146,18 @@ def _m005_decision_heads_and_checkpoints(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m006_task_dispatch(db: sqlite_utils.Database) -> None:
+    # How the task's container was had: "warm" (from a pool) or "cold" (started for it).
+    db["tasks"].add_column("dispatch", str)
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_initial", _m001_initial),
     ("002_revisions_and_alerts", _m002_revisions_and_alerts),
     ("003_task_instance", _m003_task_instance),
     ("004_task_key_id", _m004_task_key_id),
     ("005_decision_heads_and_checkpoints", _m005_decision_heads_and_checkpoints),
+    ("006_task_dispatch", _m006_task_dispatch),
 ]
 
 

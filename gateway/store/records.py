@@ -61,6 +61,8 @@ class Task:
     updated_at: str
     instance_id: str | None
     key_id: str | None
+    # "warm" (a pooled container) or "cold" (one started for it); None before dispatch.
+    dispatch: str | None = None
     history: tuple[TaskEvent, ...] | None = None
 
     @property

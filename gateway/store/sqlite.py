@@ -36,7 +36,7 @@ from gateway.store.migrations import migrate
 from gateway.store.records import ACTIVE_STATES, TASK_COLUMNS, Task, TaskEvent
 
 T = TypeVar("T")
-log = get_logger("store")
+log = get_logger(__name__)
 
 MAX_BATCH = 128
 TASK_JSON_FIELDS = ("input", "result", "error", "labels", "sandbox")

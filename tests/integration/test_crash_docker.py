@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -95,6 +96,29 @@ class HubProcess:
         return conn
 
 
+# echo as a background agent: it answers 202 and reports its output through the hub.
+ECHO_LATER = """
+  - name: echo-later
+    description: echo, answering 202 and reporting its output later (the crash test's).
+    image: {image}
+    capabilities: [debug.echo-later]
+    input_schema: agents/echo.input.json
+    output_schema: agents/echo.output.json
+    port: 8000
+    timeout_s: 30
+    resources: {{memory: 64m, cpus: 0.5, pids: 32}}
+    env:
+      ECHO_REPLY: later
+"""
+
+
+def crash_registry(tmp_path: Path, images: dict[str, str]) -> Path:
+    """The run's agents.yaml plus ``echo-later``."""
+    path = registry_file(tmp_path, images)
+    path.write_text(path.read_text() + ECHO_LATER.format(image=images["echo"]))
+    return path
+
+
 @pytest.fixture
 def hub_process(
     tmp_path: Path, agent_images: dict[str, str], docker_api: docker.APIClient, keys: Any
@@ -102,7 +126,7 @@ def hub_process(
     made: list[HubProcess] = []
 
     def make(*extra: str) -> HubProcess:
-        hub = HubProcess(tmp_path, registry_file(tmp_path, agent_images), *extra)
+        hub = HubProcess(tmp_path, crash_registry(tmp_path, agent_images), *extra)
         made.append(hub)
         return hub
 
@@ -112,19 +136,59 @@ def hub_process(
         cleanup_hub(docker_api, hub.hub_id, hub.networks)
 
 
+def _example(name: str) -> Any:
+    """The module ``examples/agents/<name>/agent.py`` (to compute expected results)."""
+    spec = importlib.util.spec_from_file_location(
+        f"crash_{name}", REPO / f"examples/agents/{name}/agent.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# sync: echo, calc; background (202, reported later): later; background and messaging
+# (delegates its parts to wordstats through the hub, then reports): coord.
+KINDS = ("echo", "calc", "later", "coord")
+
+
+def _word(i: int) -> str:
+    letters = ""
+    while True:
+        i, r = divmod(i, 26)
+        letters += "abcdefghijklmnopqrstuvwxyz"[r]
+        if not i:
+            return "w" + letters
+
+
+def document(i: int) -> dict[str, Any]:
+    w = _word(i)
+    return {"text": f"Alpha {w} beta. Gamma {w} delta {w}.", "parts": 1 + i // 4 % 2, "top": 3}
+
+
 def expected_result(kind: str, n: int) -> Any:
-    return {"echo": {"n": n}, "agent": "echo"} if kind == "echo" else n * 2
+    if kind in ("echo", "later"):
+        return {"echo": {"n": n}, "agent": "echo"}
+    if kind == "calc":
+        return n * 2
+    coordinator, wordstats = _example("coordinator"), _example("wordstats")
+    doc = document(n)
+    chunks = coordinator.split(doc["text"], doc["parts"])
+    parts = [wordstats.stats(c, coordinator.PART_TOP, 1) for c in chunks]
+    return {"parts": len(chunks), **coordinator.merge(parts, doc["top"])}
 
 
 async def test_sigkill_at_many_points_loses_and_duplicates_nothing(
     hub_process: Any, keys: dict[str, str], docker_api: docker.APIClient
 ) -> None:
-    """SIGKILL the hub 22 times across accept, dispatch, run and complete; every task that
-    got a 202 ends exactly once with the agent's result, and no container is left."""
+    """SIGKILL the hub 22 times across accept, dispatch, run and complete, with synchronous,
+    background and delegating agents; every task that got a 202 (and every child task)
+    ends exactly once with the agent's result, and no container is left."""
     hub = hub_process("--probe-interval", "0.5", "--max-attempts", "10")
     hub.start()
     accepted: dict[str, tuple[str, int]] = {}
     at_kill: Counter[str] = Counter()
+    at_kill_by_kind: Counter[str] = Counter()
     cut_in_flight = 0
     delays = [0.0, 0.02, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5]
     n = 0
@@ -132,13 +196,20 @@ async def test_sigkill_at_many_points_loses_and_duplicates_nothing(
     async with aiohttp.ClientSession() as http:
 
         async def submit(kind: str, i: int) -> None:
+            timeout_s = 20
             if kind == "echo":
                 body, key = {"agent": "echo", "input": {"n": i}}, keys["user"]
+            elif kind == "later":
+                body, key = {"agent": "echo-later", "input": {"n": i}}, keys["user"]
+            elif kind == "coord":
+                body, key = {"agent": "coordinator", "input": document(i)}, keys["user"]
+                # Two containers deep, and every hub call it makes must find the hub up.
+                timeout_s = 120
             else:
                 body = {"agent": "calc", "input": {"expression": f"{i}*2", "spin_s": 0.3}}
                 key = keys["developer"]
             async with http.post(
-                hub.url + "/v1/tasks", json={**body, "timeout_s": 20}, headers=auth(key)
+                hub.url + "/v1/tasks", json={**body, "timeout_s": timeout_s}, headers=auth(key)
             ) as resp:
                 data = await resp.json()
                 assert resp.status == 202, data
@@ -148,7 +219,7 @@ async def test_sigkill_at_many_points_loses_and_duplicates_nothing(
             jobs = []
             for _ in range(3):
                 n += 1
-                jobs.append(asyncio.create_task(submit("echo" if n % 2 else "calc", n)))
+                jobs.append(asyncio.create_task(submit(KINDS[n % len(KINDS)], n)))
             await asyncio.sleep(delays[kill_no % len(delays)])
             hub.kill()
             results = await asyncio.gather(*jobs, return_exceptions=True)
@@ -166,6 +237,7 @@ async def test_sigkill_at_many_points_loses_and_duplicates_nothing(
                 for row in db.execute("SELECT id, state FROM tasks"):
                     if row["id"] in accepted and row["state"] not in TERMINAL:
                         at_kill[row["state"]] += 1
+                        at_kill_by_kind[accepted[row["id"]][0]] += 1
                     elif row["state"] in TERMINAL and row["id"] in live:
                         # Result recorded, container not yet removed: the "complete" phase.
                         at_kill["completing"] += 1
@@ -193,14 +265,23 @@ async def test_sigkill_at_many_points_loses_and_duplicates_nothing(
             "SELECT count(*) FROM task_events WHERE detail LIKE 're-dispatched%'"
         ).fetchone()[0]
     outcomes: Counter[str] = Counter()
+    children: dict[str, list[str]] = {}
+    for row in rows.values():
+        if row["parent_id"]:
+            children.setdefault(row["parent_id"], []).append(row["id"])
     for task_id, (kind, i) in accepted.items():
         row = rows[task_id]
         outcomes[row["state"]] += 1
         assert terminal_events[task_id] == 1, f"{task_id} ended {terminal_events[task_id]} times"
-        assert row["state"] == "succeeded", (row["error"], row["attempts"], task_id)
+        assert row["state"] == "succeeded", (kind, row["error"], row["attempts"], task_id)
         result = json.loads(row["result"])
-        got = result if kind == "echo" else result["value"]
-        assert got == expected_result(kind, i)
+        if kind == "calc":
+            result = result["value"]
+        elif kind == "coord":
+            # One child per part, however often the hub died while it delegated.
+            assert sorted(result.pop("children")) == sorted(children.get(task_id, []))
+            assert all(rows[c]["state"] == "succeeded" for c in children[task_id])
+        assert result == expected_result(kind, i), (kind, i)
     # Tasks whose 202 was cut by a kill still end, exactly once.
     assert all(terminal_events[t] == 1 for t in rows)
     # A container the engine finished creating after its hub died belongs to no task; the
@@ -211,15 +292,20 @@ async def test_sigkill_at_many_points_loses_and_duplicates_nothing(
     report = {
         "kills": 22,
         "accepted": len(accepted),
+        "accepted_by_kind": dict(Counter(kind for kind, _ in accepted.values())),
         "in_db": len(rows),
+        "child_tasks": sum(len(c) for c in children.values()),
         "submissions_cut_by_kill": cut_in_flight,
         "unfinished_at_kill_by_state": dict(at_kill),
+        "unfinished_at_kill_by_kind": dict(at_kill_by_kind),
         "outcomes": dict(outcomes),
         "re_dispatches": redispatched,
         "orphans_removed_by_last_restart": len(strays),
     }
     print("CRASH-TEST " + json.dumps(report))
     assert at_kill["pending"] + at_kill["dispatched"] > 0 and at_kill["running"] > 0, report
+    # The kills caught background and delegating tasks unfinished, not only synchronous ones.
+    assert at_kill_by_kind["later"] > 0 and at_kill_by_kind["coord"] > 0, report
     hub.stop()
     leftover = docker_api.containers(all=True, filters={"label": [f"{LABEL_HUB}={hub.hub_id}"]})
     assert leftover == [], [c["Names"] for c in leftover]

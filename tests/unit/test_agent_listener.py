@@ -25,6 +25,7 @@ pytestmark = pytest.mark.timeout(60)
 AGENT_ROUTES = {
     ("POST", "/v1/messages"),
     ("POST", "/v1/tasks/{task_id}/result"),
+    ("POST", "/v1/tasks/{task_id}/progress"),
     ("GET", "/v1/tasks/{task_id}"),
     ("POST", "/v1/identity/renew"),
     ("GET", "/v1/identity/bundle"),

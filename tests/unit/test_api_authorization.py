@@ -239,13 +239,16 @@ def test_readme_role_table_matches_the_policy() -> None:
                 else {"authenticated": True, "id": "s", "roles": [role], "key_id": "k"}
             )
             resource = {"kind": "task", "id": "t", "owner": "s", "state": "running"}
+            request: dict[str, Any] = {"method": method, "route": route, "params": {}}
+            if method == "A2A":  # a JSON-RPC method of POST /a2a/{agent}
+                request = {
+                    "method": "POST",
+                    "route": "/a2a/{agent}",
+                    "params": {"agent": "echo", "method": route},
+                    "protocol": "a2a",
+                }
             decision = config.policy.evaluate(
-                API_QUERY,
-                {
-                    "subject": subject,
-                    "request": {"method": method, "route": route, "params": {}},
-                    "resource": resource,
-                },
+                API_QUERY, {"subject": subject, "request": request, "resource": resource}
             )
             if decision.allow:
                 allowed.add(role)

@@ -1,12 +1,15 @@
-"""Decision-log chain building, tamper detection and input masking."""
+"""Decision-log chain building, tamper detection, input masking, and pruning with
+checkpoints and the head witness."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
 import dataclasses
+import hashlib
 import itertools
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +22,20 @@ from gateway.decisionlog import (
     DecisionLog,
     DecisionRecord,
     Masker,
+    PruneError,
+    UnknownCheckpoint,
     canonical_bytes,
     chain_hash,
     pointers_marked_secret,
     record_from_row,
     record_to_json,
+    seal_checkpoint,
     seal_record,
     verify_chain,
+    verify_export,
+    verify_log,
 )
+from gateway.decisionlog.checkpoint import checkpoint_fields
 from gateway.errors import ConfigError
 from gateway.policy.engine import Decision
 from gateway.store import Store
@@ -210,7 +219,7 @@ def test_verify_needs_the_expected_count_to_see_the_tail_cut() -> None:
     records = build(5)[:3]
     assert verify_chain(records).ok  # the chain alone cannot tell
     report = verify_chain(records, expected_count=5)
-    assert kinds(report) == [("deleted", None)]
+    assert kinds(report) == [("truncated", None)]
     assert "records seq 4..5 were deleted from the end" in report.problems[0]["message"]
     assert not verify_chain(records, expected_head=build(5)[-1].hash).ok
 
@@ -432,3 +441,318 @@ def test_pointers_marked_secret_survives_recursive_schemas() -> None:
     schema = {"$defs": {"node": {"properties": {"next": {"$ref": "#/$defs/node"}}}}}
     schema["$ref"] = "#/$defs/node"
     assert pointers_marked_secret(schema, "") == []
+
+
+# --- pruning, checkpoints and the head witness ------------------------------------------------
+
+
+async def _log_n(log: DecisionLog, n: int, start: int = 0) -> list[str]:
+    return [
+        await log.record(
+            kind="dispatch",
+            path="gateway/dispatch/decision",
+            input={"task": {"input": {"n": i}}},
+            decision=Decision(True, ("allowed",)),
+            revision="r",
+            subject="alice",
+            agent="echo",
+            task_id=f"t{i}",
+        )
+        for i in range(start, start + n)
+    ]
+
+
+@pytest.fixture
+async def log10(tmp_path: Path) -> Any:
+    """A decision log of ten records in a real SQLite file: (log, database path)."""
+    store = Store(tmp_path / "gateway.db")
+    log = DecisionLog(store, hub_id="h1")
+    await _log_n(log, 10)
+    yield log, store.path
+    await store.close()
+
+
+def _sql(path: Path, sql: str, *args: Any) -> list[Any]:
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+def _seqs(path: Path) -> list[int]:
+    return [r[0] for r in _sql(path, "SELECT seq FROM decisions ORDER BY seq")]
+
+
+async def test_prune_exports_then_replaces_with_a_checkpoint_and_verify_proves_the_rest(
+    log10: Any, tmp_path: Path
+) -> None:
+    log, db = log10
+    head_before = (await log.verify()).head
+    record4 = await log.get(_sql(db, "SELECT decision_id FROM decisions WHERE seq = 4")[0][0])
+    export = tmp_path / "pruned.jsonl"
+    cp = await log.prune(export, before=5)
+    assert _seqs(db) == [5, 6, 7, 8, 9, 10]
+    assert (cp["id"], cp["first_seq"], cp["through_seq"], cp["count"]) == (1, 1, 4, 4)
+    assert (cp["start_hash"], cp["head_hash"]) == (GENESIS_HASH, record4["hash"])
+    assert cp["export_sha256"] == hashlib.sha256(export.read_bytes()).hexdigest()
+    assert cp["export_name"] == "pruned.jsonl"
+    # The export: JSON Lines, oldest first, a chain that verifies on its own.
+    exported = [json.loads(line) for line in export.read_text().splitlines()]
+    assert [r["seq"] for r in exported] == [1, 2, 3, 4]
+    assert exported[-1] == record4
+    assert verify_chain(exported, expected_count=4, expected_head=record4["hash"]).ok
+    report = await log.verify()
+    assert report.ok, report.problems
+    assert (report.checked, report.start_seq, report.head) == (6, 5, head_before)
+    assert report.checkpoint == cp
+    assert report.witness == {"count": 10, "head": head_before}
+    assert (await log.verify_export(export)).ok
+
+
+async def test_prune_until_a_timestamp_never_removes_a_newer_record(
+    log10: Any, tmp_path: Path
+) -> None:
+    log, db = log10
+    times = dict(_sql(db, "SELECT seq, timestamp FROM decisions"))
+    cp = await log.prune(tmp_path / "e.jsonl", until=times[3])
+    assert cp["through_seq"] == 3
+    assert _seqs(db)[0] == 4
+    with pytest.raises(PruneError, match="nothing to prune"):
+        await log.prune(tmp_path / "again.jsonl", until=times[3])
+    assert not (tmp_path / "again.jsonl").exists()
+
+
+async def test_a_record_tampered_after_the_checkpoint_is_named(log10: Any, tmp_path: Path) -> None:
+    log, db = log10
+    await log.prune(tmp_path / "e.jsonl", before=5)
+    _sql(db, "UPDATE decisions SET allow = 0 WHERE seq = 7")
+    report = await log.verify()
+    assert kinds(report) == [("edited", 7)]
+
+
+async def test_the_records_right_after_the_checkpoint_cannot_be_dropped_unseen(
+    log10: Any, tmp_path: Path
+) -> None:
+    log, db = log10
+    await log.prune(tmp_path / "e.jsonl", before=5)
+    _sql(db, "DELETE FROM decisions WHERE seq IN (5, 6)")
+    report = await log.verify()
+    assert kinds(report) == [("deleted", 7)]
+    assert "records seq 5..6 were deleted" in report.problems[0]["message"]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "expected"),
+    [
+        ("edit a record", {("edited", None), ("edited", 2)}),
+        ("drop the last line", {("edited", None), ("truncated", None)}),
+        ("reformat", {("edited", None)}),
+    ],
+)
+async def test_a_tampered_export_is_caught_against_its_checkpoint(
+    log10: Any, tmp_path: Path, tamper: str, expected: set[tuple[str, int | None]]
+) -> None:
+    log, _ = log10
+    export = tmp_path / "e.jsonl"
+    await log.prune(export, before=5)
+    lines = export.read_text().splitlines()
+    if tamper == "edit a record":
+        rec = json.loads(lines[1])
+        rec["subject"] = "mallory"
+        lines[1] = json.dumps(rec, sort_keys=True)
+    elif tamper == "drop the last line":
+        lines.pop()
+    else:  # the same records, other bytes: the file is not the one the checkpoint names
+        lines = [json.dumps(json.loads(line), indent=1).replace("\n", "") for line in lines]
+    export.write_text("\n".join(lines) + "\n")
+    report = await log.verify_export(export, checkpoint_id=1)
+    assert not report.ok
+    assert set(kinds(report)) == expected, report.problems
+    assert any("SHA-256" in p["message"] for p in report.problems)
+    # Without the checkpoint's id the export is matched by its first record's seq.
+    assert set(kinds(await log.verify_export(export))) == expected
+    with pytest.raises(UnknownCheckpoint):
+        await log.verify_export(export, checkpoint_id=9)
+
+
+async def test_a_cut_tail_is_reported_truncated_against_the_head_witness(log10: Any) -> None:
+    log, db = log10
+    head = (await log.verify()).head
+    _sql(db, "DELETE FROM decisions WHERE seq > 7")
+    report = await log.verify()  # the chain alone would say OK
+    assert kinds(report) == [("truncated", None)]
+    problem = report.problems[0]
+    assert (problem["expected_count"], problem["expected_head"]) == (10, head)
+    assert "records seq 8..10 were deleted from the end" in problem["message"]
+    # The next decision continues from the witness, so the cut stays visible as a gap.
+    await _log_n(log, 1)
+    assert _seqs(db)[-1] == 11
+    assert kinds(await log.verify()) == [("deleted", 11)]
+    # And a log that does not verify is not pruned.
+    with pytest.raises(PruneError, match="does not verify"):
+        await log.prune(db.parent / "e.jsonl", before=3)
+    assert _seqs(db)[0] == 1
+
+
+async def test_an_external_head_replaces_the_witness(log10: Any) -> None:
+    log, db = log10
+    head = (await log.verify()).head
+    # Whoever cut the tail also rewound the witness: only a head kept elsewhere sees it.
+    last7 = _sql(db, "SELECT hash FROM decisions WHERE seq = 7")[0][0]
+    _sql(db, "DELETE FROM decisions WHERE seq > 7")
+    _sql(db, "UPDATE decision_heads SET head_seq = 7, head_hash = ?", last7)
+    assert (await log.verify()).ok
+    report = await log.verify(expected_head=head, expected_count=10)
+    assert kinds(report) == [("truncated", None)]
+    assert report.problems[0]["expected_head"] == head
+
+
+async def test_a_missing_witness_is_reported(log10: Any) -> None:
+    log, db = log10
+    _sql(db, "DELETE FROM decision_heads")
+    report = await log.verify()
+    assert kinds(report) == [("deleted", None)]
+    assert "head witness is missing" in report.problems[0]["message"]
+
+
+@pytest.mark.parametrize(
+    "export",
+    ["missing-folder/e.jsonl", "a-file/e.jsonl", "exists.jsonl"],
+    ids=["no such folder", "parent is a file", "file exists"],
+)
+async def test_prune_is_refused_without_a_written_export(
+    log10: Any, tmp_path: Path, export: str
+) -> None:
+    log, db = log10
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "exists.jsonl").write_text("an earlier export\n")
+    with pytest.raises(PruneError, match="export"):
+        await log.prune(tmp_path / export, before=5)
+    assert _seqs(db) == list(range(1, 11))
+    assert _sql(db, "SELECT count(*) FROM decision_checkpoints") == [(0,)]
+    assert (tmp_path / "exists.jsonl").read_text() == "an earlier export\n"
+    assert (await log.verify()).ok
+
+
+async def test_a_prune_racing_another_deletes_nothing(log10: Any, tmp_path: Path) -> None:
+    log, db = log10
+    store = log.store
+    real = store.iter_decisions_range
+
+    async def export_then_race(first: int, through: int, consume: Any) -> Any:
+        written = await real(first, through, consume)
+        # Another prune runs between this one's export and its delete.
+        store.iter_decisions_range = real  # type: ignore[method-assign]
+        await DecisionLog(store, hub_id="other").prune(tmp_path / "other.jsonl", before=3)
+        return written
+
+    store.iter_decisions_range = export_then_race  # type: ignore[method-assign]
+    with pytest.raises(PruneError, match="another prune"):
+        await log.prune(tmp_path / "e.jsonl", before=5)
+    assert not (tmp_path / "e.jsonl").exists()
+    assert _seqs(db)[0] == 3
+    assert (await log.verify()).ok
+
+
+async def test_the_hub_keeps_appending_after_prunes_and_the_chain_verifies(
+    log10: Any, tmp_path: Path
+) -> None:
+    log, db = log10
+    await log.prune(tmp_path / "one.jsonl", before=5)
+    await _log_n(log, 3, start=10)
+    await log.prune(tmp_path / "two.jsonl", before=12)
+    await _log_n(log, 2, start=13)
+    report = await log.verify()
+    assert report.ok, report.problems
+    assert (report.start_seq, report.checked, report.witness["count"]) == (12, 4, 15)
+    assert _seqs(db) == [12, 13, 14, 15]
+    one, two = _sql(
+        db, "SELECT id, prev_hash, hash, start_hash, head_hash FROM decision_checkpoints"
+    )
+    assert two[1] == one[2] and two[3] == one[4]  # checkpoint 2 chained to checkpoint 1
+    assert (await log.verify_export(tmp_path / "one.jsonl")).checkpoint["id"] == 1
+    assert (await log.verify_export(tmp_path / "two.jsonl")).checkpoint["id"] == 2
+    # Everything pruned: the next record still continues the chain.
+    await log.prune(tmp_path / "three.jsonl", before=1000)
+    assert _seqs(db) == []
+    assert (await log.verify()).ok
+    await _log_n(log, 1, start=99)
+    assert _seqs(db) == [16]
+    assert (await log.verify()).ok
+
+
+@pytest.mark.parametrize(
+    ("tamper", "kind"),
+    [
+        (
+            "UPDATE decision_checkpoints SET export_sha256 = 'f' || substr(export_sha256, 2)",
+            "edited",
+        ),
+        ("UPDATE decision_checkpoints SET count = 3", "edited"),
+        ("DELETE FROM decision_checkpoints WHERE id = 1", "deleted"),
+    ],
+    ids=["export hash edited", "count edited", "first of two deleted"],
+)
+async def test_a_tampered_checkpoint_is_named(
+    log10: Any, tmp_path: Path, tamper: str, kind: str
+) -> None:
+    log, db = log10
+    await log.prune(tmp_path / "one.jsonl", before=3)
+    await log.prune(tmp_path / "two.jsonl", before=5)
+    _sql(db, tamper)
+    report = await log.verify()
+    assert not report.ok
+    assert report.problems[0]["kind"] == kind
+    assert report.problems[0]["checkpoint"] in (1, 2)
+    assert "checkpoint" in report.problems[0]["message"]
+
+
+async def test_deleting_the_only_checkpoint_shows_the_pruned_records_missing(
+    log10: Any, tmp_path: Path
+) -> None:
+    log, db = log10
+    await log.prune(tmp_path / "e.jsonl", before=5)
+    _sql(db, "DELETE FROM decision_checkpoints")
+    report = await log.verify()
+    assert kinds(report)[:1] == [("deleted", 5)]
+    assert "records seq 1..4 were deleted" in report.problems[0]["message"]
+
+
+async def test_an_older_database_gets_its_witness_from_the_stored_head(tmp_path: Path) -> None:
+    store = Store(tmp_path / "gateway.db")
+    log = DecisionLog(store, hub_id="h1")
+    await _log_n(log, 4)
+    head = (await log.verify()).head
+    await store.close()
+    # As a database written before migration 005 was: no witness, no checkpoints.
+    path = tmp_path / "gateway.db"
+    _sql(path, "DROP TABLE decision_heads")
+    _sql(path, "DROP TABLE decision_checkpoints")
+    _sql(path, "DELETE FROM _migrations WHERE name = '005_decision_heads_and_checkpoints'")
+    store = Store(path)
+    try:
+        assert store.migrations_applied == ["005_decision_heads_and_checkpoints"]
+        report = await DecisionLog(store, hub_id="h1").verify()
+        assert report.ok and report.witness == {"count": 4, "head": head}
+    finally:
+        await store.close()
+
+
+def test_verify_log_is_pure_and_checks_the_start_against_the_checkpoint() -> None:
+    records = build(6)
+    fields = checkpoint_fields(
+        first_seq=1,
+        through_seq=3,
+        start_hash=GENESIS_HASH,
+        head_hash=records[2].hash,
+        export_sha256="0" * 64,
+        export_name="e.jsonl",
+    )
+    cp = seal_checkpoint(fields, 1, GENESIS_HASH)
+    witness = {"count": 6, "head": records[-1].hash}
+    assert verify_log(records[3:], checkpoints=[cp], witness=witness).ok
+    # Chained to a checkpoint that does not name its predecessor's head.
+    report = verify_log(records[4:], checkpoints=[cp], witness=witness)
+    assert kinds(report) == [("deleted", 5)]
+    assert verify_export(records[:3], checkpoint=cp, sha256="0" * 64).ok

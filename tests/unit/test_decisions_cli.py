@@ -311,3 +311,128 @@ async def test_the_verify_endpoint_reports_tampering_to_auditors_only(
     one = await client.get(f"/v1/decisions/{ids[5]}", headers=auth(keys["auditor"]))
     assert one.status == 200
     assert "malformed" in await one.json()
+
+
+# --- prune, checkpoints and the head witness ---------------------------------------------------
+
+
+async def test_prune_exports_and_verify_proves_the_rest_and_the_export(
+    logged: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client, state, ids, _ = logged
+    await client.close()
+    export = tmp_path / "pruned.jsonl"
+    assert (
+        await run(
+            *cli("prune", "--before", "4", "--export", str(export), "--state-dir", str(state))
+        )
+        == 0
+    )
+    checkpoint = json.loads(capsys.readouterr().out)
+    assert (checkpoint["first_seq"], checkpoint["through_seq"], checkpoint["count"]) == (1, 3, 3)
+    assert [json.loads(line)["decision_id"] for line in export.read_text().splitlines()] == [
+        ids[1],
+        ids[2],
+        ids[3],
+    ]
+    with db(state) as conn:
+        assert [r[0] for r in conn.execute("SELECT seq FROM decisions ORDER BY seq")] == [4, 5, 6]
+    assert await run(*cli("verify", "--state-dir", str(state))) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("OK: 3 records checked")
+    assert out[0].startswith("CHECKPOINT: records seq 1..3 were pruned")
+    assert checkpoint["export_sha256"] in out[0]
+    assert await run(*cli("verify", "--export", str(export), "--state-dir", str(state))) == 0
+    assert capsys.readouterr().out.startswith("OK: 3 records checked in")
+    # The export tampered with: caught against the checkpoint, and named.
+    lines = export.read_text().splitlines()
+    forged = json.loads(lines[1])
+    forged["result"] = {"allow": True, "reasons": ["allowed"]}
+    lines[1] = json.dumps(forged, sort_keys=True)
+    export.write_text("\n".join(lines) + "\n")
+    assert await run(*cli("verify", "--export", str(export), "--state-dir", str(state))) == 1
+    out = capsys.readouterr().out
+    assert "SHA-256" in out and f"({ids[2]}): record seq 2" in out
+    assert out.splitlines()[-1].startswith("TAMPERED: ")
+    assert (
+        await run(*cli("verify", "--export", str(tmp_path / "none"), "--state-dir", str(state)))
+        == 2
+    )
+    assert "cannot read" in capsys.readouterr().err
+    no_cp = ["--checkpoint", "7", "--state-dir", str(state)]
+    assert await run(*cli("verify", "--export", str(export), *no_cp)) == 2
+    assert "no checkpoint 7" in capsys.readouterr().err
+
+
+async def test_prune_is_refused_when_the_export_cannot_be_written(
+    logged: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client, state, _, _ = logged
+    await client.close()
+    export = tmp_path / "no-such-folder" / "pruned.jsonl"
+    argv = cli("prune", "--before", "4", "--export", str(export), "--state-dir", str(state))
+    assert await run(*argv) == 1
+    assert "prune refused: cannot write the export" in capsys.readouterr().err
+    with db(state) as conn:
+        assert conn.execute("SELECT count(*) FROM decisions").fetchone()[0] == 6
+        assert conn.execute("SELECT count(*) FROM decision_checkpoints").fetchone()[0] == 0
+    assert not export.parent.exists()
+    with pytest.raises(SystemExit):  # no --export: argparse's usage error
+        await run(*cli("prune", "--before", "4", "--state-dir", str(state)))
+    assert "--export" in capsys.readouterr().err
+
+
+async def test_verify_reports_a_cut_tail_as_truncated(
+    logged: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client, state, _, _ = logged
+    await client.close()
+    with db(state) as conn:
+        head = conn.execute("SELECT hash FROM decisions WHERE seq = 6").fetchone()[0]
+        conn.execute("DELETE FROM decisions WHERE seq > 3")
+    assert await run(*cli("verify", "--state-dir", str(state))) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("TRUNCATED: ")
+    assert "records seq 4..6 were deleted from the end" in out[0] and head[:12] in out[0]
+    assert out[-1].startswith("TAMPERED: 3 records checked")
+
+
+async def test_the_verify_endpoint_shows_the_checkpoint_and_a_truncation(
+    tmp_path: Path, keys: dict[str, str], aiohttp_client: Any
+) -> None:
+    # API reads not logged, so that the verify call itself appends nothing: a logged one
+    # would continue the chain from the witness and turn the cut into a gap (``deleted``).
+    settings = make_settings(tmp_path, reload_poll_s=0, log_api_reads=False)
+    client = await aiohttp_client(create_app(settings, backend=FakeBackend()))
+    hub = client.app[HUB]
+    for who, body, _ in SUBMISSIONS:
+        await submit_through_router(hub, keys[who], body)
+    export = tmp_path / "pruned.jsonl"
+    # Pruned from the command line while the hub runs, as an operator would.
+    argv = cli("prune", "--before", "3", "--export", str(export))
+    assert await run(*argv, "--state-dir", str(settings.state_dir)) == 0
+
+    async def verify() -> dict[str, Any]:
+        resp = await client.get("/v1/decisions/verify", headers=auth(keys["auditor"]))
+        assert resp.status == 200
+        return dict(await resp.json())
+
+    body = await verify()
+    assert (body["ok"], body["checked"], body["start_seq"]) == (True, 4, 3), body
+    assert (body["checkpoint"]["through_seq"], body["checkpoint"]["count"]) == (2, 2)
+    assert body["witness"]["count"] == 6
+    # The hub keeps deciding after the prune: the chain still verifies.
+    await submit_through_router(hub, keys["user"], SUBMISSIONS[0][1])
+    body = await verify()
+    assert (body["ok"], body["checked"], body["witness"]["count"]) == (True, 5, 7)
+    head = body["head"]
+    with db(settings.state_dir) as conn:
+        conn.execute("DELETE FROM decisions WHERE seq > 4")
+    body = await verify()
+    assert body["ok"] is False
+    assert [p["kind"] for p in body["problems"]] == ["truncated"]
+    assert (body["problems"][0]["expected_count"], body["problems"][0]["expected_head"]) == (
+        7,
+        head,
+    )
+    assert body["checkpoint"]["through_seq"] == 2

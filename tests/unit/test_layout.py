@@ -131,3 +131,13 @@ def test_a_planted_cycle_is_found() -> None:
     planted["gateway.errors"].add("gateway.routers.tasks")
     cycle = find_cycle(planted)
     assert cycle is not None and cycle[0] == cycle[-1] and "gateway.errors" in cycle
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_loggers_are_named_after_their_modules(name: str) -> None:
+    text = MODULES[name].read_text(encoding="utf-8")
+    calls = [line.strip() for line in text.splitlines() if "get_logger(" in line]
+    for call in calls:
+        if call.startswith("def get_logger"):
+            continue
+        assert "get_logger(__name__)" in call, f"{name}: {call}"

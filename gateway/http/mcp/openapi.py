@@ -1,0 +1,75 @@
+"""OpenAPI path items of the MCP door (merged by ``gateway.http.openapi``).
+
+The body of ``/mcp`` is MCP's JSON-RPC, described by the MCP specification, not here: the
+operations name their statuses and say that every error body is a JSON-RPC error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.http.openapi_parts import API_KEY, header_refs, json_response, operation
+
+_RPC = {"type": "object", "description": "a JSON-RPC 2.0 message of the MCP revision in use"}
+
+
+_EMPTY = {"text/plain": {"schema": {"type": "string", "maxLength": 0}}}
+
+
+def _json(description: str, content: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "description": description,
+        "headers": header_refs(),
+        "content": content or {"application/json": {"schema": _RPC}},
+    }
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {str(s): _json("a JSON-RPC error") for s in statuses}
+
+
+def mcp_paths() -> dict[str, Any]:
+    """``/mcp`` and its protected-resource metadata."""
+    metadata = {
+        "get": operation(
+            "RFC 9728 protected-resource metadata of /mcp",
+            {"200": json_response("the metadata", {"type": "object"})},
+        )
+    }
+    return {
+        "/mcp": {
+            "post": {
+                "summary": "MCP over Streamable HTTP (2025-06-18, 2025-11-25, 2026-07-28)",
+                "security": API_KEY,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _RPC}},
+                },
+                "responses": {
+                    "200": _json(
+                        "the JSON-RPC answer (a stream for a call with progress)",
+                        {
+                            "application/json": {"schema": _RPC},
+                            "text/event-stream": {"schema": {"type": "string"}},
+                        },
+                    ),
+                    "202": _json("a notification, accepted", _EMPTY),
+                    **_errors(400, 401, 403, 404, 405, 406, 413, 415, 421, 429, 500, 503),
+                },
+            },
+            "get": {
+                "summary": "no server-initiated stream is offered",
+                "responses": {"405": _json("use POST", _EMPTY), **_errors(500)},
+            },
+            "delete": {
+                "summary": "end an MCP session (handshake revisions)",
+                "security": API_KEY,
+                "responses": {
+                    "204": _json("the session ended", _EMPTY),
+                    **_errors(400, 401, 403, 404, 405, 421, 429, 500, 503),
+                },
+            },
+        },
+        "/.well-known/oauth-protected-resource": metadata,
+        "/.well-known/oauth-protected-resource/mcp": metadata,
+    }
