@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import sys
 import tempfile
@@ -56,17 +55,23 @@ def _port() -> int:
 
 def _registry(root: Path) -> Path:
     """agents.yaml with the shipped agents plus echo copies, TOOLS tools in all."""
-    text = (REPO_ROOT / "agents.yaml").read_text()
-    shipped = sum(len(a["capabilities"]) for a in yaml.safe_load(text)["agents"])
-    entries = "".join(
-        f"\n  - name: echo{i}\n    image: agent-gateway/echo:dev\n"
-        f"    capabilities: [debug.echo{i}]\n"
-        f"    input_schema: agents/echo.input.json\n"
-        f"    output_schema: agents/echo.output.json\n    port: 8000\n"
+    # The agents only: the MCP servers behind the hub are section 3's (real containers).
+    doc = yaml.safe_load((REPO_ROOT / "agents.yaml").read_text())
+    doc["agents"] = [a for a in doc["agents"] if a.get("protocol", "gateway") != "mcp"]
+    shipped = sum(len(a["capabilities"]) for a in doc["agents"])
+    doc["agents"] += [
+        {
+            "name": f"echo{i}",
+            "image": "agent-gateway/echo:dev",
+            "capabilities": [f"debug.echo{i}"],
+            "input_schema": "agents/echo.input.json",
+            "output_schema": "agents/echo.output.json",
+            "port": 8000,
+        }
         for i in range(TOOLS - shipped)
-    )
+    ]
     path = root / "agents.yaml"
-    path.write_text(text + entries)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
 
@@ -216,7 +221,7 @@ async def stdio_section(n: int) -> None:
             )
             async with (
                 ClientSession() as http,
-                stdio_client(params, errlog=open(os.devnull, "w")) as (read, write),  # noqa: SIM115
+                stdio_client(params, errlog=sys.stderr) as (read, write),
                 SdkSession(read, write) as direct,
             ):
                 await direct.initialize()

@@ -36,7 +36,7 @@ from gateway.limits import NO_LIMITS, Limiter
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.routers.access import ApiAuthorizer
-from gateway.routers.events import STATE, TaskEvents
+from gateway.routers.events import PROGRESS, STATE, TaskEvents
 from gateway.routers.messages import MessageRouter
 from gateway.routers.recovery import RecoveryReport, recover
 from gateway.routers.tasks import RouterOptions, TaskRouter
@@ -233,6 +233,9 @@ class Hub:
         )
         self.router.state_observer = lambda task_id, state, final: self.events.publish(
             task_id, STATE, {"state": state}, final=final
+        )
+        self.router.progress_observer = lambda task_id, data: self.events.publish(
+            task_id, PROGRESS, data
         )
         # Warm containers, asked by the router after the decision (gateway.containers.pools);
         # refilled only once recovery has run (it removes the last run's pooled containers).

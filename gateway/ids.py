@@ -54,3 +54,35 @@ def uuid4_str() -> str:
     """``str(uuid.uuid4())``: 8-4-4-4-12 lowercase hex digits."""
     h = uuid4_hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def valid_traceparent(value: str | None) -> str | None:
+    """``value`` lowercased if it is a well-formed W3C ``traceparent``, else None."""
+    value = (value or "").strip().lower()
+    parts = value.split("-")
+    if (
+        len(parts) == 4
+        and [len(p) for p in parts] == [2, 32, 16, 2]
+        and set("".join(parts)) <= _HEX
+        and parts[0] != "ff"
+        and parts[1] != "0" * 32
+        and parts[2] != "0" * 16
+    ):
+        return value
+    return None
+
+
+def traceparent(header: str | None, *, parent: str | None = None) -> str:
+    """The caller's ``traceparent`` if well formed; else a new span of ``parent``'s trace
+    (a call made on behalf of a task), else a new trace."""
+    own = valid_traceparent(header)
+    if own is not None:
+        return own
+    span = _random.take(8).hex()
+    known = valid_traceparent(parent)
+    if known is not None:
+        return f"00-{known[3:35]}-{span}-01"
+    return f"00-{_random.take(16).hex()}-{span}-01"

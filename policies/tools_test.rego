@@ -2,6 +2,7 @@ package gateway.tools_test
 
 import rego.v1
 
+import data.gateway.dispatch
 import data.gateway.tools
 
 files_agent := {
@@ -35,7 +36,12 @@ listing(subject, name) := {
 test_user_reads_under_public if {
 	d := tools.decision with input as call(user, "files.read", {"path": "public/readme.txt"})
 	d.allow == true
-	d.sandbox.read_only_root == true
+}
+
+test_the_sandbox_is_the_dispatch_policys if {
+	inp := call(user, "files.read", {"path": "public/readme.txt"})
+	d := tools.decision with input as inp
+	d.sandbox == dispatch.sandbox with input as inp
 	d.sandbox.memory_bytes == 134217728
 }
 

@@ -218,6 +218,19 @@ class McpServerPool:
             if server.isolation == "per_call" or server.broken is not None:
                 await self._retire(server, server.broken or "per_call: one call only")
 
+    async def discover(self, agent: AgentSpec, sandbox: dict[str, Any]) -> dict[str, CheckedTool]:
+        """The checked tools of ``agent`` from a server started for that alone and stopped
+        at once (``tools/list`` leaves no process behind); cached for the entry."""
+        known = self.known_tools(agent)
+        if known is not None:
+            return known
+        server = await self._start(
+            agent, (agent.name, "discover-" + secrets.token_hex(8), ""), sandbox
+        )
+        self._per_call.add(server)
+        await self._retire(server, "listed its tools")
+        return server.tools
+
     async def close(self) -> None:
         """Stop every server and the reaper."""
         self._closing = True

@@ -7,6 +7,10 @@ An entry with ``protocol: mcp`` is an MCP server in a container (``gateway.agent
 it has ``transport``, an allow-list of ``tools``, an ``isolation`` and an idle time instead of
 capabilities and schemas (its tools bring their own). The default protocol is ``gateway``.
 
+An entry with ``protocol: a2a`` is an A2A server in a container (``gateway.agents.a2a``): it
+has capabilities, schemas and a port like a ``gateway`` agent, but no ``endpoint`` (the path
+comes from its card, which must name the entry and cover its capabilities) and no ``pool``.
+
 An ``env`` entry is a literal string or ``{secret: NAME}``, a secret resolved from the
 secrets file when the container starts (``gateway.containers.secrets``). Outside the hub
 (API, policy input, stored revisions) ``env`` shows the variables' names only.

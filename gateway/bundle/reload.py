@@ -35,7 +35,13 @@ from gateway.bundle.revision import content_hash
 from gateway.clock import utcnow
 from gateway.errors import ConfigError, GatewayError, PolicyTestsFailed
 from gateway.logs import get_logger
-from gateway.policy.engine import API_QUERY, DISPATCH_QUERY, MESSAGES_QUERY, parse_engine_error
+from gateway.policy.engine import (
+    API_QUERY,
+    DISPATCH_QUERY,
+    MESSAGES_QUERY,
+    TOOLS_QUERY,
+    parse_engine_error,
+)
 from gateway.policy.testing import TestReport, run_tests
 from gateway.settings import BundleSettings
 
@@ -61,7 +67,12 @@ class AlertSink(Protocol):
 
 
 # The query each kind of logged decision was made with.
-QUERY_OF_KIND = {"dispatch": DISPATCH_QUERY, "message": MESSAGES_QUERY, "api": API_QUERY}
+QUERY_OF_KIND = {
+    "dispatch": DISPATCH_QUERY,
+    "message": MESSAGES_QUERY,
+    "api": API_QUERY,
+    "tool": TOOLS_QUERY,
+}
 
 
 def config_revisions(config: Config) -> dict[str, str]:
@@ -317,7 +328,7 @@ class Reloader:
             revisions=revisions,
         )
         recent: list[dict[str, Any]] = []
-        for kind in ("dispatch", "message"):
+        for kind in QUERY_OF_KIND:
             try:
                 page = await self._recent_inputs(kind, RECENT_INPUTS)
             except GatewayError as e:

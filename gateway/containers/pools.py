@@ -401,9 +401,7 @@ class WarmPools:
         n = self._failures[agent] = self._failures.get(agent, 0) + 1
         delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (n - 1))
         self._retry_at[agent] = time.monotonic() + delay
-        log.warning(
-            "warm-up failed", extra={"agent": agent, "error": message, "retry_in_s": delay}
-        )
+        log.warning("warm-up failed", extra={"agent": agent, "error": message, "retry_in_s": delay})
         if self._alert is not None:
             self._alert(
                 ALERT,

@@ -10,6 +10,8 @@ listens on ``--host``; this one listens on the address containers are given in
 | ``POST /v1/tasks/{task_id}/result`` | a result reported later |
 | ``POST /v1/tasks/{task_id}/progress`` | progress of the task it runs (task event streams) |
 | ``GET /v1/tasks/{task_id}`` | an agent's own or delegated task (JWT-SVID only) |
+| ``GET /a2a/{agent}/.well-known/agent-card.json``, ``POST /a2a/{agent}`` | A2A agents'
+  calls to other agents: delegations (JWT-SVID only; ``gateway.http.a2a``) |
 | ``POST /v1/identity/renew``, ``GET /v1/identity/bundle`` | identities |
 | ``GET /healthz`` | liveness |
 
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from gateway.errors import NotFound
+from gateway.http.a2a import setup_agent_a2a_routes
 from gateway.http.agent_routes import agent_get_task, presents_svid, setup_agent_routes
 from gateway.http.appkeys import HUB, MAX_BODY
 from gateway.http.middlewares import error_middleware
@@ -76,6 +79,7 @@ def create_agent_app(hub: Hub) -> web.Application:
     )
     app[MAX_BODY] = hub.settings.max_body_bytes
     setup_agent_routes(app, hub)
+    setup_agent_a2a_routes(app, hub)
     app.router.add_get("/v1/tasks/{task_id}", get_task)
     app.router.add_get("/healthz", healthz)
     return app
@@ -109,7 +113,9 @@ def guard_agent_addresses(hub: Hub, allowed: frozenset[tuple[str, str]]) -> Call
         if local and local in agent_addresses(hub):
             resource = request.match_info.route.resource
             key = (request.method, resource.canonical if resource is not None else "")
-            user_read = key[1] == "/v1/tasks/{task_id}" and not presents_svid(request)
+            user_read = (
+                key[1] == "/v1/tasks/{task_id}" or key[1].startswith("/a2a/")
+            ) and not presents_svid(request)
             if key not in allowed or user_read:
                 raise _not_served()
         return await handler(request)

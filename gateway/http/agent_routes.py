@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway import ids
 from gateway.errors import BadRequest, NotTaskOwner, PayloadTooLarge, Unauthorized, UnknownTask
 from gateway.http.appkeys import HUB
 from gateway.http.middlewares import read_json
@@ -95,7 +96,10 @@ async def post_message(request: web.Request) -> web.Response:
     body = await read_json(request)
     # Only a delegation (a child task) records where its request came from.
     delegate = isinstance(body, dict) and body.get("type") == "delegate"
-    info = _request_info(request) if delegate else None
+    # The agent's trace context (else its task's trace), for the decision and the child.
+    parent = hub.router.trace_of(sender.instance.task_id) if sender.instance else None
+    trace = {"traceparent": ids.traceparent(request.headers.get("traceparent"), parent=parent)}
+    info = {**_request_info(request), **trace} if delegate else trace
     idem = request.headers.get("Idempotency-Key")
     if idem is not None and not 1 <= len(idem) <= 255:
         raise BadRequest("Idempotency-Key must be 1 to 255 characters")

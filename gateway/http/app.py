@@ -98,6 +98,8 @@ async def _submit_task(request: web.Request, hub: Hub, wait: float | None) -> we
             "path": request.path,
             "remote_addr": peer[0] if peer else None,
             "time": dt.datetime.now(dt.UTC).isoformat(),
+            # The caller's W3C trace context; the router starts a trace when it is absent.
+            "traceparent": request.headers.get("traceparent"),
         },
         idempotency_key=idem,
     )

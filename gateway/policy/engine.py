@@ -32,6 +32,7 @@ from gateway.errors import ConfigError
 DISPATCH_QUERY = "data.gateway.dispatch.decision"
 MESSAGES_QUERY = "data.gateway.messages.decision"
 API_QUERY = "data.gateway.api.decision"
+TOOLS_QUERY = "data.gateway.tools.decision"
 
 
 @dataclass(frozen=True)

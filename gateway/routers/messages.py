@@ -20,6 +20,7 @@ and picks the status code and body of each outcome.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -51,6 +52,12 @@ log = get_logger(__name__)
 MESSAGES_PATH = "gateway/messages/decision"
 KINDS_DIR = "messages/kinds/"
 MESSAGE_ENDPOINT = "/message"
+# What the policy input's ``request`` shows of the call that carried the message: the door
+# (protocol, method) and the W3C trace context, so one request can be followed across hops.
+REQUEST_CONTEXT = ("protocol", "rpc_method", "traceparent")
+_request_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "message_request_context", default=None
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,17 +191,33 @@ class MessageRouter:
             kind_schema, envelope["payload"], prefix="/payload", what=f"{envelope['kind']} payload"
         )
         inst = sender.instance
-        with bound(agent=sender.identity.agent, task_id=inst.task_id if inst else None):
-            kind = envelope["type"]
-            if kind == "request":
-                return await self._request(config, sender, envelope)
-            if kind == "event":
-                return await self._event(config, sender, envelope)
-            if kind == "broadcast":
-                return await self._broadcast(config, sender, envelope)
-            return await self._delegate(
-                config, sender, envelope, wait_s, request or {}, idempotency_key
-            )
+        context = {k: request[k] for k in REQUEST_CONTEXT if request and k in request}
+        token = _request_context.set(context or None)
+        try:
+            with bound(agent=sender.identity.agent, task_id=inst.task_id if inst else None):
+                return await self._route(config, sender, envelope, wait_s, request, idempotency_key)
+        finally:
+            _request_context.reset(token)
+
+    async def _route(
+        self,
+        config: Config,
+        sender: Sender,
+        envelope: dict[str, Any],
+        wait_s: float | None,
+        request: dict[str, Any] | None,
+        idempotency_key: str | None,
+    ) -> Routed:
+        kind = envelope["type"]
+        if kind == "request":
+            return await self._request(config, sender, envelope)
+        if kind == "event":
+            return await self._event(config, sender, envelope)
+        if kind == "broadcast":
+            return await self._broadcast(config, sender, envelope)
+        return await self._delegate(
+            config, sender, envelope, wait_s, request or {}, idempotency_key
+        )
 
     async def _request(self, config: Config, sender: Sender, envelope: dict[str, Any]) -> Replied:
         target = config.registry.get(envelope["to"])
@@ -425,6 +448,9 @@ class MessageRouter:
     ) -> tuple[str, Decision]:
         """Evaluate and log the decision; its id and the decision, or PolicyDenied."""
         policy_input = {"source": sender.source(), "message": envelope, "target": target}
+        context = _request_context.get()
+        if context:
+            policy_input["request"] = context
         decision = config.policy.evaluate(MESSAGES_QUERY, policy_input)
         decision_id = await self._record(config, sender, envelope, target, decision, policy_input)
         if not decision.allow:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.agents import Accepted, AgentClient, AgentReplyError
+from gateway.agents.a2a import A2AAgents
 from gateway.agents.instances import Instance, InstanceRegistry, LineageEntry
 from gateway.bundle.config import TASK_SCHEMA, Config
 from gateway.bundle.registry import AgentSpec
@@ -40,6 +41,7 @@ from gateway.errors import (
 )
 from gateway.identity.apikeys import Subject
 from gateway.identity.service import SVID_ENV
+from gateway.ids import traceparent
 from gateway.limits.quotas import SubjectQuotas
 from gateway.logs import bound, get_logger
 from gateway.policy.engine import DISPATCH_QUERY, Decision
@@ -134,6 +136,11 @@ class TaskRouter:
         self._reuse: dict[str, bool] = {}
         # Told (task id, state, terminal) after each state a task enters (events fan-out).
         self.state_observer: Callable[[str, str, bool], None] | None = None
+        # Told (task id, data) for each update an A2A agent streams (events fan-out).
+        self.progress_observer: Callable[[str, dict[str, Any]], None] | None = None
+        # protocol: a2a agents (gateway.agents.a2a), and each running task's traceparent.
+        self.a2a = A2AAgents()
+        self._traces: dict[str, str] = {}
 
     # -- submission
 
@@ -152,6 +159,8 @@ class TaskRouter:
         """
         config = self._config()
         config.schemas.validate(TASK_SCHEMA, envelope, what="task")
+        # One trace across hops: the caller's, or one started here (W3C trace context).
+        request = {**request, "traceparent": traceparent(request.get("traceparent"))}
         req_hash = request_hash(envelope)
         keys_since = self._keys_since()
         if idempotency_key is not None:
@@ -206,6 +215,7 @@ class TaskRouter:
             if created:
                 lineage = parent.child_lineage() if parent else ()
                 self._accepted_under[task_id] = config
+                self._traces[task_id] = request["traceparent"]
                 self._start_runner(task, agent, sandbox, subject=subject, lineage=lineage)
                 self._observe(task_id, "pending")
             return task, created
@@ -330,6 +340,7 @@ class TaskRouter:
         self._runners.pop(task_id, None)
         self._accepted_under.pop(task_id, None)
         self._reuse.pop(task_id, None)
+        self._traces.pop(task_id, None)
         self.quotas.leave(task_id)
         if (
             opened is not None
@@ -408,15 +419,6 @@ class TaskRouter:
                                 task_id, container_id=handle.id, container_name=handle.name
                             )
                         else:
-                            # The instance id (bound into the token) is stored before the
-                            # container exists or is handed the task: a hub killed right
-                            # after start() re-attaches it under the identity its token names.
-                            await self._move(
-                                task_id,
-                                "dispatched",
-                                ("pending",),
-                                instance_id=instance.instance_id,
-                            )
                             if self.pool is not None:
                                 # Policy first (decided at submit), then the pool: a warm
                                 # container only with exactly the sandbox granted.
@@ -428,23 +430,26 @@ class TaskRouter:
                                     timeout_s=max(0.0, task.deadline - time.time()),
                                 )
                             if warm is not None:
+                                # One write, the instance id with it, before the hand-off.
                                 handle = warm.handle
-                            else:
-                                spec = self._spec(agent, sandbox, task_id, timeout_s, instance.env)
-                                # Recovery tells this attempt's container from one a killed
-                                # hub left half-created for an earlier attempt by this label.
-                                spec = dataclasses.replace(
-                                    spec,
-                                    labels={**spec.labels, LABEL_INSTANCE: instance.instance_id},
+                                await self._move(
+                                    task_id,
+                                    "dispatched",
+                                    ("pending",),
+                                    instance_id=instance.instance_id,
+                                    container_id=handle.id,
+                                    container_name=handle.name,
+                                    dispatch="warm",
                                 )
-                                handle = await self._started(task_id, self.backend.start(spec))
-                            await self.store.update_task(
-                                task_id,
-                                container_id=handle.id,
-                                container_name=handle.name,
-                                dispatch="warm" if warm is not None else "cold",
+                            else:
+                                handle = await self._start_cold(task, agent, sandbox, instance)
+                        card = None
+                        if agent.protocol == "a2a":
+                            # An A2A server has no /health: its card, checked, is the probe.
+                            card = await self.a2a.ready_card(
+                                handle, agent, self.options.ready_timeout_s
                             )
-                        if warm is None:
+                        elif warm is None:
                             # A warm container answered /health before it was pooled.
                             await self.agents.wait_ready(handle, self.options.ready_timeout_s)
                         self.instances.ready(instance, handle)
@@ -454,7 +459,18 @@ class TaskRouter:
                             self.dispatch_observer(agent.name, time.monotonic() - start)
                         # A warm container had no identity: its token comes with the task.
                         svid = instance.env.get(SVID_ENV) if warm is not None else None
-                        reply = await self._hand_over(task, agent, handle, svid=svid)
+                        if card is not None:
+                            reply = await self.a2a.run(
+                                handle,
+                                card,
+                                task_id=task_id,
+                                task_input=task.input,
+                                timeout_s=max(0.001, task.deadline - time.time()),
+                                traceparent=self.trace_of(task_id),
+                                progress=lambda data: self._progress(task_id, data),
+                            )
+                        else:
+                            reply = await self._hand_over(task, agent, handle, svid=svid)
                         succeeded = await self._complete(task_id, agent, reply)
                         if warm is not None and succeeded and self._reuse.get(task_id):
                             keep_for = subject.id
@@ -473,9 +489,7 @@ class TaskRouter:
                     self.instances.close(instance)
                 if warm is not None and not self._detaching:
                     await self._release(warm, None)
-                elif handle is not None and (
-                    not self._detaching or await self._ended(task_id)
-                ):
+                elif handle is not None and (not self._detaching or await self._ended(task_id)):
                     await self._remove_soon(handle)
                 handle = warm = None
                 raise
@@ -498,6 +512,25 @@ class TaskRouter:
                 elif handle is not None:
                     await self._remove_soon(handle)
                 self._signal(task_id)
+
+    async def _start_cold(
+        self, task: Task, agent: AgentSpec, sandbox: dict[str, Any], instance: Instance
+    ) -> ContainerHandle:
+        """Start a container for the task, its instance id stored before it exists."""
+        spec = self._spec(agent, sandbox, task.id, float(task.timeout_s), instance.env)
+        # Recovery tells this attempt's container from one a killed hub left half-created
+        # for an earlier attempt by this label.
+        spec = dataclasses.replace(
+            spec, labels={**spec.labels, LABEL_INSTANCE: instance.instance_id}
+        )
+        # The instance id (bound into the token) is stored before the container exists: a
+        # hub killed right after start() re-attaches it under the identity its token names.
+        await self._move(task.id, "dispatched", ("pending",), instance_id=instance.instance_id)
+        handle = await self._started(task.id, self.backend.start(spec))
+        await self.store.update_task(
+            task.id, container_id=handle.id, container_name=handle.name, dispatch="cold"
+        )
+        return handle
 
     async def _started(self, task_id: str, starting: Any) -> ContainerHandle:
         """Await a container start that a cancellation cannot cut in two.
@@ -543,7 +576,8 @@ class TaskRouter:
                 handle,
                 agent.endpoint,
                 {"task_id": task_id, "input": task.input, "deadline": task.deadline}
-                | ({"svid": svid} if svid else {}),
+                | ({"svid": svid} if svid else {})
+                | ({"traceparent": trace} if (trace := self.trace_of(task_id)) else {}),
                 max(0.001, task.deadline - time.time()),
             )
         )
@@ -558,6 +592,14 @@ class TaskRouter:
             return report.result()
         reply = post.result()
         return await report if isinstance(reply, Accepted) else reply
+
+    def trace_of(self, task_id: str) -> str | None:
+        """The W3C traceparent of a running task (None after a restart: not stored)."""
+        return self._traces.get(task_id)
+
+    def _progress(self, task_id: str, data: dict[str, Any]) -> None:
+        if self.progress_observer is not None:
+            self.progress_observer(task_id, data)
 
     async def _complete(self, task_id: str, agent: AgentSpec, reply: Any) -> bool:
         """Record the agent's reply as the task's end; whether it succeeded."""
@@ -774,6 +816,7 @@ class TaskRouter:
         if self._removals:
             await asyncio.gather(*self._removals, return_exceptions=True)
         self._accepted_under.clear()  # configs (regorus engines) go now, on this thread
+        await self.a2a.close()
 
     @property
     def running(self) -> int:

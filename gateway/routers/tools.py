@@ -14,6 +14,7 @@ No HTTP here: the MCP door calls ``visible`` and ``call``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable
@@ -26,11 +27,10 @@ from gateway.bundle.schemas import json_pointer
 from gateway.errors import GatewayError, PolicyDenied, SchemaViolation
 from gateway.identity.apikeys import Subject
 from gateway.logs import bound, get_logger
-from gateway.policy.engine import Decision
+from gateway.policy.engine import TOOLS_QUERY, Decision
 from gateway.routers.tasks import DecisionSink
 
 log = get_logger(__name__)
-TOOLS_QUERY = "data.gateway.tools.decision"
 TOOLS_PATH = "gateway/tools/decision"
 MAX_REPORTED_ERRORS = 50
 
@@ -119,24 +119,15 @@ class ToolRouter:
         """The MCP-server tools the tools policy would let ``subject`` call (evaluated,
         not logged); a server seen for the first time is started to list its tools."""
         config = self._config()
+        servers = [a for a in config.registry.agents.values() if a.protocol == "mcp"]
+        # Servers never listed yet are started (each for its listing alone), side by side.
+        unknown = [a for a in servers if self.pool.known_tools(a) is None]
+        await asyncio.gather(*(self._discover(config, a, subject, request) for a in unknown))
         shown: list[dict[str, Any]] = []
-        for agent in config.registry.agents.values():
-            if agent.protocol != "mcp":
-                continue
+        for agent in servers:
             tools = self.pool.known_tools(agent)
             if tools is None:
-                probe = self._input(subject, agent, agent.tools[0], None, request)
-                decision = config.policy.evaluate(TOOLS_QUERY, probe)
-                if not decision.allow or decision.sandbox is None:
-                    continue
-                try:
-                    tools = await self._discover(agent, subject, decision.sandbox)
-                except GatewayError as e:
-                    log.warning(
-                        "MCP server tools left out of tools/list",
-                        extra={"agent": agent.name, "error": e.message},
-                    )
-                    continue
+                continue
             for tool in tools.values():
                 policy_input = self._input(subject, agent, tool.name, None, request)
                 if config.policy.evaluate(TOOLS_QUERY, policy_input).allow:
@@ -144,6 +135,22 @@ class ToolRouter:
         return shown
 
     async def _discover(
+        self, config: Config, agent: AgentSpec, subject: Subject, request: dict[str, Any]
+    ) -> None:
+        # The sandbox its listing server runs in is the policy's for this caller.
+        probe = self._input(subject, agent, agent.tools[0], None, request)
+        decision = config.policy.evaluate(TOOLS_QUERY, probe)
+        if not decision.allow or decision.sandbox is None:
+            return
+        try:
+            await self.pool.discover(agent, decision.sandbox)
+        except GatewayError as e:
+            log.warning(
+                "MCP server tools left out of tools/list",
+                extra={"agent": agent.name, "error": e.message},
+            )
+
+    async def _owner_tools(
         self, agent: AgentSpec, subject: Subject, sandbox: dict[str, Any]
     ) -> dict[str, CheckedTool]:
         async def listed(server: McpServer) -> dict[str, CheckedTool]:
@@ -172,7 +179,8 @@ class ToolRouter:
             probe = self._input(subject, agent, tool_name, None, request, call_id)
             decision = config.policy.evaluate(TOOLS_QUERY, probe)
             if decision.allow and decision.sandbox is not None:
-                tool = (await self._discover(agent, subject, decision.sandbox)).get(tool_name)
+                tools = await self._owner_tools(agent, subject, decision.sandbox)
+                tool = tools.get(tool_name)
             else:
                 await self._record(config, subject, agent, probe, decision, call_id)
                 raise self._denied(decision, None)

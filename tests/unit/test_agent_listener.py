@@ -30,6 +30,9 @@ AGENT_ROUTES = {
     ("POST", "/v1/identity/renew"),
     ("GET", "/v1/identity/bundle"),
     ("GET", "/healthz"),
+    # A2A agents' calls to other agents (JWT-SVID only): delegations.
+    ("GET", "/a2a/{agent}/.well-known/agent-card.json"),
+    ("POST", "/a2a/{agent}"),
 }
 
 

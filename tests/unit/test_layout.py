@@ -7,6 +7,7 @@ moved into a function to dodge a cycle is still the same dependency.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,16 @@ def test_loggers_are_named_after_their_modules(name: str) -> None:
         if call.startswith("def get_logger"):
             continue
         assert "get_logger(__name__)" in call, f"{name}: {call}"
+
+
+def test_every_module_is_in_the_readme_layout() -> None:
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("<!-- layout -->")[1].split("<!-- /layout -->")[0]
+    listed = set(re.findall(r"`(gateway/[\w/]+\.py)`", section))
+    modules = {
+        p.relative_to(REPO_ROOT).as_posix()
+        for p in PACKAGE.rglob("*.py")
+        if p.name != "__init__.py"
+    }
+    assert sorted(modules - listed) == [], "modules missing from the README's layout"
+    assert sorted(listed - modules) == [], "the README lists modules that do not exist"

@@ -150,7 +150,7 @@ async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.Call
         os._exit(3)
     if DEBUG and name == "hang":
         while True:
-            time.sleep(60)  # blocks the loop on purpose: the server answers nothing
+            time.sleep(60)  # noqa: ASYNC251 - blocks the loop on purpose: no answer
     if DEBUG and name == "garbage":
         os.write(WIRE, b"this is not JSON-RPC\n")
         return _ok({}, "")

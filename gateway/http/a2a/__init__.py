@@ -7,6 +7,10 @@
 | ``GET /.well-known/jwks.json`` | the public key the cards are signed with |
 | ``POST /a2a/{agent}`` | A2A JSON-RPC 1.0 and 0.3 (``jsonrpc``), streams as SSE |
 
+On the agent listener (``setup_agent_a2a_routes``) the card and ``POST /a2a/{agent}`` are
+served to agents presenting their JWT-SVID only: an A2A agent's call to another agent is a
+delegation, decided by the message policy with its lineage (``GovernedHandler``).
+
 Parts: ``cards`` (cards and their signing key), ``mapping`` (messages and tasks),
 ``handler`` (the SDK's ``RequestHandler`` over the governed task path), ``push`` (webhooks),
 ``jsonrpc`` (the wire).
@@ -18,12 +22,14 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from gateway.errors import NotFound
 from gateway.http.a2a.cards import CARD_PATH, JWKS_PATH, CardCache, CardSigner
 from gateway.http.a2a.handler import GovernedHandler
 from gateway.http.a2a.jsonrpc import handle
 from gateway.http.a2a.mapping import a2a_task
 from gateway.http.a2a.push import PushNotifier
 from gateway.http.access import authorize
+from gateway.http.agent_routes import authenticate_agent, presents_svid
 from gateway.http.appkeys import HUB
 from gateway.hub import Hub
 from gateway.policy.engine import API_QUERY
@@ -101,4 +107,29 @@ def setup_a2a_routes(app: web.Application, hub: Hub) -> None:
     app.cleanup_ctx.append(worker)
 
 
-__all__ = ["setup_a2a_routes"]
+async def agent_side_card(request: web.Request) -> web.Response:
+    # An agent's card read on the agent listener: its SVID, not an API key, lets it in.
+    if not presents_svid(request):
+        raise NotFound("no such endpoint on the agent listener")
+    authenticate_agent(request)
+    hub = request.app[HUB]
+    agent = hub.config.registry.get(request.match_info["agent"])
+    return web.json_response(request.app[CARDS].agent(hub.config, agent, base_url(request)))
+
+
+async def agent_side_rpc(request: web.Request) -> web.StreamResponse:
+    if not presents_svid(request):
+        raise NotFound("no such endpoint on the agent listener")
+    return await handle(request, request.app[HANDLER])
+
+
+def setup_agent_a2a_routes(app: web.Application, hub: Hub) -> None:
+    """The A2A door on the agent listener: for agents' calls (JWT-SVID) only."""
+    app[CARDS] = CardCache(CardSigner(hub.settings.state_dir))
+    # No push worker: an agent's call sets no webhook (GovernedHandler refuses it).
+    app[HANDLER] = GovernedHandler(hub, PushNotifier(lambda tid: hub.router.get(tid), a2a_task))
+    app.router.add_get("/a2a/{agent}" + CARD_PATH, agent_side_card)
+    app.router.add_post("/a2a/{agent}", agent_side_rpc)
+
+
+__all__ = ["setup_a2a_routes", "setup_agent_a2a_routes"]

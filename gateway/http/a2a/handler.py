@@ -53,7 +53,13 @@ from a2a.utils.errors import (
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.struct_pb2 import Struct
 
-from gateway.errors import IdempotencyConflict, PolicyDenied, SchemaViolation, UnknownTask
+from gateway.errors import (
+    Forbidden,
+    IdempotencyConflict,
+    PolicyDenied,
+    SchemaViolation,
+    UnknownTask,
+)
 from gateway.http.a2a.mapping import (
     CONTEXT_LABEL,
     MESSAGE_LABEL,
@@ -69,11 +75,16 @@ from gateway.http.a2a.mapping import (
 from gateway.http.a2a.push import PushNotifier, push_target
 from gateway.hub import Hub
 from gateway.identity.apikeys import Subject
+from gateway.logs import get_logger
 from gateway.routers.access import Access, ApiCall, task_resource
 from gateway.routers.events import PROGRESS, Subscription
+from gateway.routers.messages import Delegated, Sender
 from gateway.store import Task as StoredTask
 
+log = get_logger(__name__)
 ROUTE = "/a2a/{agent}"
+# What an agent calling with its SVID may do: delegate, and follow or cancel what it delegated.
+AGENT_METHODS = ("SendMessage", "SendStreamingMessage", "GetTask", "SubscribeToTask", "CancelTask")
 Event = Task | Message | TaskStatusUpdateEvent | TaskArtifactUpdateEvent
 # A stream with no event for this long re-reads the task (the hub may have restarted).
 STREAM_RECHECK_S = 5.0
@@ -89,6 +100,8 @@ class Caller:
     version: str
     wire_method: str
     traceparent: str
+    # An agent in a container calling with its JWT-SVID: its calls are delegations.
+    sender: Sender | None = None
 
 
 def caller_of(context: ServerCallContext) -> Caller:
@@ -114,6 +127,8 @@ class GovernedHandler(RequestHandler):
         **params: Any,
     ) -> tuple[Caller, Access]:
         caller = caller_of(context)
+        if caller.sender is not None:
+            return caller, self._agent_call(caller, method)
         # Limits before the policy, as for every call of the hub.
         self.hub.limiter.api_call(caller.subject, caller.remote_addr)
         call = ApiCall(
@@ -131,6 +146,21 @@ class GovernedHandler(RequestHandler):
         )
         access = await self.hub.access.authorize(caller.subject, call, resource)
         return caller, access
+
+    def _agent_call(self, caller: Caller, method: str) -> Access:
+        """An agent's call: counted like its messages; a send is a delegation (decided by
+        the message policy), the rest only on the tasks it delegated (``_task``)."""
+        sender = caller.sender
+        assert sender is not None
+        self.hub.limiter.message(
+            sender.identity.instance_id or sender.spiffe_id, sender.identity.agent
+        )
+        if method not in AGENT_METHODS:
+            raise Forbidden(
+                f"an agent may call {', '.join(AGENT_METHODS)} through the hub, not {method}",
+                details={"method": method},
+            )
+        return Access(decision_id=None, scope="own")
 
     def _subject(self, caller: Caller) -> Subject:
         if caller.subject is None:  # only a policy that lets anonymous callers in gets here
@@ -155,6 +185,12 @@ class GovernedHandler(RequestHandler):
             await self._authorize(context, method, task_resource(task))
         except UnknownTask:
             raise TaskNotFoundError(f"no task {task_id!r}") from None
+        sender = caller.sender
+        if sender is not None and (
+            sender.instance is None or task.parent_id != sender.instance.task_id
+        ):
+            # An agent sees the tasks it delegated, nothing else (the same answer as absent).
+            raise TaskNotFoundError(f"no task {task_id!r}")
         if task.agent != caller.agent:
             raise TaskNotFoundError(f"no task {task_id!r} of agent {caller.agent!r}")
         return task
@@ -167,13 +203,14 @@ class GovernedHandler(RequestHandler):
         """Submit the message as a task; the stored task, or a ``rejected`` Task."""
         message = params.message
         push_url = params.configuration.task_push_notification_config.url
+        if push_url and caller_of(context).sender is not None:
+            raise Forbidden("an agent's call through the hub sets no push notifications")
         push = await push_target(push_url) if push_url else None
         extra = {"push": push} if push is not None else {}
         agent = caller_of(context).agent
         caller, _ = await self._authorize(
             context, method, {"kind": "agent", "name": agent}, **extra
         )
-        subject = self._subject(caller)
         if message.task_id:
             raise UnsupportedOperationError(
                 "each message starts a task here; a task takes no further messages"
@@ -202,10 +239,14 @@ class GovernedHandler(RequestHandler):
         if key is not None and len(key) > 255:
             raise InvalidParamsError("messageId is longer than 251 characters")
         try:
-            with self.hub.limiter.submission(subject, caller.remote_addr):
-                task, created = await self.hub.router.submit(
-                    subject, envelope, request=request, idempotency_key=key
-                )
+            if caller.sender is not None:
+                task, created = await self._delegate(caller, caller.sender, envelope, request, key)
+            else:
+                subject = self._subject(caller)
+                with self.hub.limiter.submission(subject, caller.remote_addr):
+                    task, created = await self.hub.router.submit(
+                        subject, envelope, request=request, idempotency_key=key
+                    )
         except SchemaViolation as e:
             errors = pointer_errors(e.details, source)
             raise InvalidParamsError(
@@ -228,6 +269,44 @@ class GovernedHandler(RequestHandler):
         if created and push_url:
             self.push.add(task.id, params.configuration.task_push_notification_config)
         return task
+
+    async def _delegate(
+        self,
+        caller: Caller,
+        sender: Sender,
+        envelope: dict[str, Any],
+        request: dict[str, Any],
+        key: str | None,
+    ) -> tuple[StoredTask, bool]:
+        """An agent's message to another agent, as the delegation it is: decided by the
+        message policy with the sender's lineage, the child run for the parent's owner."""
+        payload: dict[str, Any] = {"input": envelope["input"]}
+        if "timeout_s" in envelope:
+            payload["timeout_s"] = envelope["timeout_s"]
+        message = {
+            "type": "delegate",
+            "to": caller.agent,
+            "kind": "task.delegate",
+            "payload": payload,
+        }
+        try:
+            routed = await self.hub.messages.send(
+                sender, message, request=request, idempotency_key=key
+            )
+        except SchemaViolation as e:
+            # The message's pointers (/payload/input...) as the task's (/input...).
+            details = [
+                {**d, "pointer": str(d.get("pointer", "")).removeprefix("/payload")}
+                for d in (e.details if isinstance(e.details, list) else [])
+                if isinstance(d, dict)
+            ]
+            raise SchemaViolation(e.message, details=details) from None
+        assert isinstance(routed, Delegated)
+        log.info(
+            "a2a delegation",
+            extra={"child_task_id": routed.task.id, "message_decision_id": routed.decision_id},
+        )
+        return routed.task, True
 
     async def on_message_send(
         self, params: SendMessageRequest, context: ServerCallContext
@@ -377,7 +456,8 @@ class GovernedHandler(RequestHandler):
         from gateway.errors import InvalidState
 
         try:
-            task = await self.hub.router.cancel(task.id, by=self._subject(caller).id)
+            by = caller.sender.spiffe_id if caller.sender else self._subject(caller).id
+            task = await self.hub.router.cancel(task.id, by=by)
         except InvalidState as e:
             raise TaskNotCancelableError(e.message) from None
         return a2a_task(task)

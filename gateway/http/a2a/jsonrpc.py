@@ -19,7 +19,6 @@ an upfront error is a plain JSON answer.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -61,6 +60,7 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 from jsonrpc.jsonrpc2 import JSONRPC20Request
 from packaging.version import InvalidVersion, Version
 
+from gateway import ids
 from gateway.errors import (
     GatewayError,
     InvalidState,
@@ -69,6 +69,7 @@ from gateway.errors import (
 )
 from gateway.http.a2a.handler import Caller, GovernedHandler
 from gateway.http.access import remote_addr
+from gateway.http.agent_routes import authenticate_agent, presents_svid
 from gateway.http.appkeys import HUB, MAX_BODY
 from gateway.http.middlewares import authenticate_optional
 from gateway.logs import get_logger
@@ -151,23 +152,10 @@ class HttpFailure(Exception):
         self.headers = headers
 
 
-def traceparent(request: web.Request) -> str:
-    """The caller's W3C ``traceparent`` if well formed, else a new one (a new trace)."""
-    value = request.headers.get("traceparent", "").strip().lower()
-    parts = value.split("-")
-    if (
-        len(parts) == 4
-        and len(parts[0]) == 2
-        and len(parts[1]) == 32
-        and len(parts[2]) == 16
-        and len(parts[3]) == 2
-        and all(c in "0123456789abcdef" for c in "".join(parts))
-        and parts[0] != "ff"
-        and parts[1] != "0" * 32
-        and parts[2] != "0" * 16
-    ):
-        return value
-    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
+def traceparent(request: web.Request, parent: str | None = None) -> str:
+    """The caller's W3C ``traceparent`` if well formed, else a new span of ``parent``'s
+    trace (an agent calling for its task), else a new trace."""
+    return ids.traceparent(request.headers.get("traceparent"), parent=parent)
 
 
 def _compatible(version: str, major: int) -> bool:
@@ -287,18 +275,27 @@ async def handle(request: web.Request, handler: GovernedHandler) -> web.StreamRe
                 )
         else:
             return _error(request_id, MethodNotFoundError(f"Method not found: {method}"))
+        # An agent in a container calls with its JWT-SVID (a delegation), a client with an
+        # API key (an "agk_..." key: never a three-part JWT).
+        sender = authenticate_agent(request) if presents_svid(request) else None
+        parent_trace = (
+            hub.router.trace_of(sender.instance.task_id)
+            if sender is not None and sender.instance is not None
+            else None
+        )
         context = ServerCallContext(
             state={
                 "headers": dict(request.headers),
                 "method": method,
                 "request_id": request_id,
                 "caller": Caller(
-                    subject=authenticate_optional(request),
+                    subject=None if sender is not None else authenticate_optional(request),
                     agent=agent,
                     remote_addr=remote_addr(request),
                     version=version,
                     wire_method=method,
-                    traceparent=traceparent(request),
+                    traceparent=traceparent(request, parent_trace),
+                    sender=sender,
                 ),
             }
         )

@@ -1,0 +1,200 @@
+"""Warm pools: warm and cold dispatch of ``echo`` through the hub, each beside a fair floor.
+
+In one run, against a real hub on loopback (schema, policy, decision log, store) and the
+local engine:
+
+- warm: ``POST /v1/tasks?wait=`` with ``pool: {min: 4}`` on echo, the pool refilled between
+  runs (submit to result);
+- direct floor: the same task POSTed by the same HTTP client straight to an echo container
+  that already runs (built by the same guardrails);
+- cold: the same submission with the pool switched off;
+- engine floor for cold: create, start, ``/health`` until it answers and ``POST /task``
+  through the hub's own persistent Docker client and agent client, clock stopped at the
+  result (removal after the clock, as for the hub);
+- sustained: warm dispatches per second with 4 callers in parallel and min = 4, and the
+  share that ran warm.
+
+Targets (issue 13): warm p50 at most 5 ms over the direct call; cold p50 at most 1.1x the
+engine floor.
+
+Usage: python bench/bench_pool.py [runs]   (needs Docker and the example images)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import aiohttp
+import docker
+from aiohttp import web
+
+from bench._stats import report, summary
+from gateway.containers.pools import PoolSpec, warm_sandbox
+from gateway.http.app import HUB, create_app
+from gateway.identity.apikeys import KeyStore
+from gateway.settings import REPO_ROOT, Settings
+
+RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+INPUT = {"msg": "hello", "n": [1, 2, 3]}
+POOL_MIN = 4
+ECHO = "    resources: {memory: 64m, cpus: 0.5, pids: 32}\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def until(check, within_s: float = 60) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + within_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise SystemExit("pool did not fill")
+        await asyncio.sleep(0.01)
+
+
+async def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        agents = Path(tmp) / "agents.yaml"
+        text = (REPO_ROOT / "agents.yaml").read_text()
+        agents.write_text(text.replace(ECHO, ECHO + f"    pool: {{min: {POOL_MIN}, max: 8}}\n"))
+        keys = KeyStore.load(Path(tmp) / "keys.json")
+        key = keys.create("bench", ["user"])
+        hub_id = "bench-" + secrets.token_hex(3)
+        settings = Settings(
+            port=free_port(),
+            state_dir=Path(tmp) / "state",
+            keys_file=Path(tmp) / "keys.json",
+            agents_file=agents,
+            schemas_dir=REPO_ROOT / "schemas",
+            policies_dir=REPO_ROOT / "policies",
+            hub_id=hub_id,
+            network=f"{hub_id}-int",
+            egress_network=f"{hub_id}-egr",
+        )
+        app = create_app(settings)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", settings.port).start()
+        hub = app[HUB]
+        pools = hub.pools
+        url = f"http://127.0.0.1:{settings.port}/v1/tasks?wait=60"
+        figures: dict[str, list[float]] = {k: [] for k in ("warm", "direct", "cold", "floor")}
+        direct = None
+        try:
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+
+                async def via_hub(expect: str) -> float:
+                    start = time.perf_counter()
+                    async with http.post(url, json={"agent": "echo", "input": INPUT}) as resp:
+                        body = await resp.json()
+                    elapsed = time.perf_counter() - start
+                    if body.get("state") != "succeeded" or body.get("dispatch") != expect:
+                        raise SystemExit(f"hub task not {expect}: {body}")
+                    return elapsed
+
+                agent = hub.config.registry.agents["echo"]
+                sandbox = warm_sandbox(agent)
+                spec = pools._spec(agent, PoolSpec.of(agent))
+                direct = await hub.backend.start(spec)
+                await hub.agents.wait_ready(direct, 20)
+                direct_url = direct.base_url + "/task"
+
+                async def straight() -> float:
+                    body = {"task_id": str(uuid.uuid4()), "input": INPUT}
+                    start = time.perf_counter()
+                    async with http.post(direct_url, json=body) as resp:
+                        out = await resp.json()
+                    elapsed = time.perf_counter() - start
+                    assert out["output"]["echo"] == INPUT
+                    return elapsed
+
+                async def engine_floor() -> float:
+                    cold = hub.router._spec(agent, sandbox, str(uuid.uuid4()), 30)
+                    start = time.perf_counter()
+                    handle = await hub.backend.start(cold)
+                    await hub.agents.wait_ready(handle, 20)
+                    out = await hub.agents.post(
+                        handle, "/task", {"task_id": "floor", "input": INPUT}, 30
+                    )
+                    elapsed = time.perf_counter() - start
+                    assert out["output"]["echo"] == INPUT
+                    await hub.backend.remove(handle.id)
+                    return elapsed
+
+                def full() -> bool:
+                    return pools._sizes("echo")["idle"] >= POOL_MIN
+
+                await until(full)
+                await via_hub("warm")  # warm-up: connections, caches
+                await straight()
+                for _ in range(RUNS):
+                    await until(full)
+                    figures["warm"].append(await via_hub("warm"))
+                    figures["direct"].append(await straight())
+                hub.router.pool = None  # the same hub, no pool: every dispatch cold
+                await via_hub("cold")
+                for _ in range(RUNS):
+                    figures["cold"].append(await via_hub("cold"))
+                    figures["floor"].append(await engine_floor())
+                    await asyncio.sleep(0.3)  # let the removals finish
+                hub.router.pool = pools
+
+                await until(full)
+                n, callers = 0, 4
+                warm_runs = 0
+                deadline = time.perf_counter() + 10
+
+                async def caller() -> None:
+                    nonlocal n, warm_runs
+                    while time.perf_counter() < deadline:
+                        async with http.post(url, json={"agent": "echo", "input": INPUT}) as r:
+                            body = await r.json()
+                        assert body["state"] == "succeeded", body
+                        n += 1
+                        warm_runs += body["dispatch"] == "warm"
+
+                began = time.perf_counter()
+                await asyncio.gather(*(caller() for _ in range(callers)))
+                sustained = n / (time.perf_counter() - began)
+        finally:
+            if direct is not None:
+                await hub.backend.remove(direct.id)
+            await runner.cleanup()
+            api = docker.from_env(version="auto").api
+            for name in (settings.network, settings.egress_network):
+                for net in api.networks(names=[name]):
+                    api.remove_network(net["Id"])
+    ms = {k: summary([s * 1000 for s in v]) for k, v in figures.items()}
+    report(
+        "warm pools, echo (ms)",
+        {
+            "warm_submit_to_result_ms": ms["warm"],
+            "direct_post_to_running_ms": ms["direct"],
+            "warm_overhead_p50_ms": ms["warm"]["median"] - ms["direct"]["median"],
+            "cold_submit_to_result_ms": ms["cold"],
+            "engine_floor_ms": ms["floor"],
+            "cold_ratio_vs_floor": ms["cold"]["median"] / ms["floor"]["median"],
+            "sustained": {
+                "dispatches_per_s": sustained,
+                "callers": callers,
+                "min": POOL_MIN,
+                "tasks": n,
+                "warm_share": warm_runs / max(1, n),
+            },
+        },
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,395 @@
+"""Warm pools (gateway.containers.pools) on the fake backend: what a warm container may run,
+what it carries, and the faults around it (cancels, failing warm-ups, reloads, degraded).
+
+The real-engine side (docker inspect, files between tasks, restarts) is in
+tests/integration/test_pools_docker.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+
+from gateway.bundle.registry import AgentSpec, Resources
+from gateway.containers.backend import LABEL_POOL, LABEL_TASK, ContainerHandle, ContainerSpec
+from gateway.containers.pools import ALERT, PoolOptions, WarmPools
+from gateway.errors import AgentUnavailable
+from tests.conftest import REPO, FakeBackend, auth, make_settings
+
+pytestmark = pytest.mark.timeout(60)
+NETWORKS = {"internal": "net-int", "egress": "net-egr"}
+MB = 1024 * 1024
+
+
+@dataclass
+class PoolBackend(FakeBackend):
+    """The fake engine, plus ``docker update`` and an engine call a cancel cannot stop
+    (as the Docker SDK's worker thread goes on after its awaiter is cancelled)."""
+
+    updates: list[tuple[str, int, int, int]] = field(default_factory=list)
+    update_delay_s: float = 0.0
+    refuse_update: bool = False
+    engine_s: float = 0.0
+
+    async def start(self, spec: ContainerSpec) -> ContainerHandle:
+        return await asyncio.shield(self._start(spec))
+
+    async def _start(self, spec: ContainerSpec) -> ContainerHandle:
+        await asyncio.sleep(self.engine_s)
+        return await super().start(spec)
+
+    async def update_limits(
+        self, container_id: str, *, memory_bytes: int, nano_cpus: int, pids_limit: int
+    ) -> None:
+        await asyncio.sleep(self.update_delay_s)
+        if self.refuse_update:
+            raise AgentUnavailable("engine refused the update")
+        self.updates.append((container_id, memory_bytes, nano_cpus, pids_limit))
+
+
+def echo(**changes: Any) -> AgentSpec:
+    base = AgentSpec(
+        name="echo",
+        image="agent-gateway/echo:dev",
+        capabilities=("debug.echo",),
+        input_schema="agents/echo.input.json",
+        output_schema="agents/echo.output.json",
+        port=8000,
+        timeout_s=30,
+        resources=Resources(memory="64m", cpus=0.5, pids=32),
+        pool=MappingProxyType({"min": 2, "max": 3}),
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def sandbox(**changes: Any) -> dict[str, Any]:
+    return {
+        "network": "internal",
+        "memory_bytes": 64 * MB,
+        "cpus": 0.5,
+        "pids": 32,
+        "read_only_root": True,
+        "mounts": [],
+        **changes,
+    }
+
+
+async def ready(_handle: ContainerHandle, _timeout: float) -> None:
+    return None
+
+
+def make_pools(backend: PoolBackend, agents: dict[str, AgentSpec], **kw: Any) -> WarmPools:
+    return WarmPools(
+        backend=backend,
+        agents=lambda: agents,
+        wait_ready=kw.pop("wait_ready", ready),
+        options=PoolOptions(hub_id="h", networks=NETWORKS, gateway_url="http://hub", interval_s=0),
+        **kw,
+    )
+
+
+async def until(check: Callable[[], bool], within_s: float = 5) -> None:
+    deadline = time.monotonic() + within_s
+    while not check():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+
+
+async def filled(pools: WarmPools, agent: str, n: int, within_s: float = 5) -> None:
+    deadline = time.monotonic() + within_s
+    while pools._sizes(agent)["idle"] < n:
+        assert time.monotonic() < deadline, pools.to_json()
+        await pools.tick()
+        await asyncio.sleep(0.02)
+
+
+async def test_warm_containers_have_no_identity_no_task_and_a_ttl() -> None:
+    backend = PoolBackend()
+    pools = make_pools(backend, {"echo": echo()})
+    await filled(pools, "echo", 2)
+    assert len(backend.started) == 2
+    for spec in backend.started:
+        assert "AGENT_SVID" not in spec.env and "AGENT_TASK_ID" not in spec.env
+        assert LABEL_TASK not in spec.labels and spec.labels[LABEL_POOL] == "echo"
+        assert spec.ttl_s == 300 + 30 + 60  # idle_s + the agent's timeout + the grace
+        assert spec.read_only and spec.cap_drop == ("ALL",) and spec.memory_bytes == 64 * MB
+    await pools.stop()
+    assert backend.servers == {}
+
+
+@pytest.mark.parametrize(
+    ("note", "grant", "hit", "tightened"),
+    [
+        ("the same sandbox", sandbox(), True, None),
+        (
+            "tighter: applied before the hand-off",
+            sandbox(memory_bytes=32 * MB, pids=16),
+            True,
+            (32 * MB, 500_000_000, 16),
+        ),
+        ("more memory than warm: cold, never less", sandbox(memory_bytes=128 * MB), False, None),
+        ("more cpus than warm", sandbox(cpus=1), False, None),
+        ("another network", sandbox(network="egress"), False, None),
+        ("mounts granted", sandbox(mounts=[{"src": "/x"}]), False, None),
+        ("a writable root", sandbox(read_only_root=False), False, None),
+    ],
+)
+async def test_a_warm_container_runs_only_the_sandbox_granted(
+    note: str, grant: dict[str, Any], hit: bool, tightened: tuple[int, int, int] | None
+) -> None:
+    backend = PoolBackend()
+    pools = make_pools(backend, {"echo": echo()})
+    await filled(pools, "echo", 2)
+    warm = await pools.acquire(echo(), grant, owner="alice", reuse=False, timeout_s=30)
+    assert (warm is not None) is hit, note
+    if tightened is not None:
+        assert warm is not None
+        assert backend.updates == [(warm.handle.id, *tightened)]
+        assert (warm.memory_bytes, warm.nano_cpus, warm.pids) == tightened
+    else:
+        assert backend.updates == []
+    await pools.stop()
+
+
+async def test_a_limit_the_engine_will_not_tighten_is_a_cold_start() -> None:
+    backend = PoolBackend(refuse_update=True)
+    pools = make_pools(backend, {"echo": echo()})
+    await filled(pools, "echo", 2)
+    warm = await pools.acquire(
+        echo(), sandbox(memory_bytes=32 * MB), owner="a", reuse=False, timeout_s=30
+    )
+    assert warm is None
+    assert len(backend.removed) == 1  # the container that could not be tightened is gone
+    assert pools.misses == {"echo": 1}
+    await pools.stop()
+
+
+async def test_reuse_only_for_the_same_owner_and_only_when_the_decision_allows() -> None:
+    backend = PoolBackend()
+    agent = echo(reuse=True, pool=MappingProxyType({"min": 1, "max": 3, "max_tasks": 2}))
+    pools = make_pools(backend, {"echo": agent})
+    await filled(pools, "echo", 1)
+    first = await pools.acquire(agent, sandbox(), owner="alice", reuse=True, timeout_s=30)
+    assert first is not None
+    await pools.release(first, owner="alice")  # ran alice's task, reuse allowed
+    assert pools._sizes("echo")["reusable"] == 1
+    bob = await pools.acquire(agent, sandbox(), owner="bob", reuse=True, timeout_s=30)
+    assert bob is None or bob.handle.id != first.handle.id  # never alice's container
+    no_reuse = await pools.acquire(agent, sandbox(), owner="alice", reuse=False, timeout_s=30)
+    assert no_reuse is None or no_reuse.handle.id != first.handle.id
+    again = await pools.acquire(agent, sandbox(), owner="alice", reuse=True, timeout_s=30)
+    assert again is not None and again.handle.id == first.handle.id
+    await pools.release(again, owner="alice")  # max_tasks 2 reached: removed
+    assert first.handle.id in backend.removed
+    await pools.stop()
+
+
+async def test_a_failing_warm_up_backs_off_with_an_alert_instead_of_looping() -> None:
+    backend = PoolBackend(fail_start=True)
+    alerts: list[str] = []
+    pools = make_pools(backend, {"echo": echo()}, alert=lambda name, msg, **_: alerts.append(name))
+    attempts = 0
+    original = backend.start
+
+    async def counting(spec: ContainerSpec) -> ContainerHandle:
+        nonlocal attempts
+        attempts += 1
+        return await original(spec)
+
+    backend.start = counting  # type: ignore[method-assign]
+    for _ in range(20):  # 20 rounds within a second: one backoff window
+        await pools.tick()
+        await asyncio.sleep(0.02)
+    assert attempts == 2  # the first round's starts_per_tick, then nothing until the retry
+    assert alerts[0] == ALERT
+    assert pools.to_json()["echo"]["failures"] == 2
+    await pools.stop()
+
+
+async def test_an_image_that_never_answers_health_is_removed_and_backed_off() -> None:
+    backend = PoolBackend()
+
+    async def never(_h: ContainerHandle, _t: float) -> None:
+        raise AgentUnavailable("no answer on /health")
+
+    pools = make_pools(backend, {"echo": echo()}, wait_ready=never)
+    await pools.tick()
+    await asyncio.sleep(0.1)
+    await pools.tick()
+    assert len(backend.started) == 2 and backend.servers == {}  # started, checked, removed
+    await pools.stop()
+
+
+async def test_degraded_mode_stops_refilling() -> None:
+    backend = PoolBackend()
+    ok = False
+    pools = make_pools(backend, {"echo": echo()}, can_refill=lambda: ok)
+    for _ in range(3):
+        await pools.tick()
+    assert backend.started == []
+    ok = True
+    await filled(pools, "echo", 2)
+    await pools.stop()
+
+
+async def test_a_reload_that_changes_the_entry_drains_and_refills() -> None:
+    backend = PoolBackend()
+    agents = {"echo": echo()}
+    pools = make_pools(backend, agents)
+    await filled(pools, "echo", 2)
+    old = set(backend.servers)
+    agents["echo"] = echo(env=MappingProxyType({"MODE": "new"}))
+    await pools.tick()
+    await asyncio.sleep(0.05)
+    await filled(pools, "echo", 2)
+    assert old.isdisjoint(backend.servers)
+    assert all(s.env.get("MODE") == "new" for s in backend.started[2:])
+    # An old-entry container never serves the new entry.
+    assert await pools.acquire(echo(), sandbox(), owner="a", reuse=False, timeout_s=30) is None
+    await pools.stop()
+
+
+async def test_a_pool_larger_than_the_engine_can_start_keeps_what_it_got() -> None:
+    backend = PoolBackend()
+    made = 0
+    original = backend.start
+
+    async def limited(spec: ContainerSpec) -> ContainerHandle:
+        nonlocal made
+        if made >= 2:
+            raise AgentUnavailable("engine out of memory")
+        made += 1
+        return await original(spec)
+
+    backend.start = limited  # type: ignore[method-assign]
+    agent = echo(pool=MappingProxyType({"min": 5, "max": 5}))
+    pools = make_pools(backend, {"echo": agent}, alert=lambda *a, **k: None)
+    for _ in range(5):
+        await pools.tick()
+        await asyncio.sleep(0.02)
+    assert pools._sizes("echo")["idle"] == 2
+    assert pools.to_json()["echo"]["failures"] >= 1
+    assert await pools.acquire(agent, sandbox(), owner="a", reuse=False, timeout_s=30)
+    await pools.stop()
+
+
+async def test_a_cancel_during_a_warm_assignment_removes_the_container() -> None:
+    backend = PoolBackend(update_delay_s=0.3)
+    pools = make_pools(backend, {"echo": echo()})
+    await filled(pools, "echo", 2)
+    job = asyncio.ensure_future(
+        pools.acquire(echo(), sandbox(pids=16), owner="a", reuse=False, timeout_s=30)
+    )
+    await asyncio.sleep(0.05)
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    assert len(backend.removed) == 1 and len(pools.owned()) == 1
+    await pools.stop()
+
+
+# -- through the hub
+
+
+def pooled_registry(tmp_path: Path, entry: str) -> Path:
+    text = (REPO / "agents.yaml").read_text()
+    marker = "    resources: {memory: 64m, cpus: 0.5, pids: 32}\n"
+    assert text.count(marker) == 1
+    path = tmp_path / "agents.yaml"
+    path.write_text(text.replace(marker, marker + entry))
+    return path
+
+
+@pytest.fixture
+async def pool_hub(
+    tmp_path: Path, keys: dict[str, str], aiohttp_client: Any
+) -> Callable[..., Awaitable[tuple[Any, PoolBackend]]]:
+    from gateway.http.app import create_app
+
+    async def make(entry: str, **backend_kw: Any) -> tuple[Any, PoolBackend]:
+        backend = PoolBackend(**backend_kw)
+        settings = make_settings(tmp_path, agents_file=pooled_registry(tmp_path, entry))
+        client = await aiohttp_client(create_app(settings, backend=backend))
+        return client, backend
+
+    return make
+
+
+async def _task(client: Any, key: str, task_id: str) -> dict[str, Any]:
+    resp = await client.get(f"/v1/tasks/{task_id}?wait=10", headers=auth(key))
+    body: dict[str, Any] = await resp.json()
+    return body
+
+
+async def test_warm_dispatch_through_the_hub_runs_in_the_pooled_container(
+    pool_hub: Any, keys: dict[str, str]
+) -> None:
+    client, backend = await pool_hub("    pool: {min: 1, max: 2}\n")
+    from gateway.http.appkeys import HUB
+
+    hub = client.app[HUB]
+    await filled(hub.pools, "echo", 1)
+    pooled = next(iter(hub.pools.owned()))
+    # (That the token in the body works is checked on the real engine.)
+    body = {"agent": "echo", "input": {"n": 1}}
+    resp = await client.post("/v1/tasks", json=body, headers=auth(keys["user"]))
+    task = await _task(client, keys["user"], (await resp.json())["task_id"])
+    assert task["state"] == "succeeded", task
+    assert task["dispatch"] == "warm" and task["container"]["id"] == pooled
+    await until(lambda: pooled in backend.removed)  # one task, then removed
+    await filled(hub.pools, "echo", 1)  # and refilled
+    status = await (await client.get("/v1/status", headers=auth(keys["operator"]))).json()
+    assert status["pools"]["echo"]["hits"] == 1
+    metrics = (await (await client.get("/metrics")).read()).decode()
+    assert 'gateway_pool_dispatches_total{agent="echo",result="hit"} 1.0' in metrics
+
+
+async def test_a_grant_no_warm_container_can_take_starts_cold(
+    pool_hub: Any, keys: dict[str, str]
+) -> None:
+    # calc's grant (tightened by the policy for developers) is wider than this pool's echo.
+    client, _backend = await pool_hub("    pool: {min: 1, max: 1}\n")
+    from gateway.http.appkeys import HUB
+
+    hub = client.app[HUB]
+    await filled(hub.pools, "echo", 1)
+    resp = await client.post(
+        "/v1/tasks",
+        json={"agent": "calc", "input": {"expression": "1+2"}},
+        headers=auth(keys["developer"]),
+    )
+    task = await _task(client, keys["developer"], (await resp.json())["task_id"])
+    assert task["state"] == "succeeded", task
+    assert task["dispatch"] == "cold"
+
+
+async def test_tasks_cancelled_right_after_submission_leave_no_container(
+    pool_hub: Any, keys: dict[str, str]
+) -> None:
+    """The engine goes on creating a container after its caller is cancelled: each cancel
+    must still end with no container and no orphan alert."""
+    client, backend = await pool_hub("", engine_s=1.0)
+    from gateway.http.appkeys import HUB
+
+    hub = client.app[HUB]
+    for _ in range(5):
+        resp = await client.post(
+            "/v1/tasks", json={"agent": "echo", "input": {}}, headers=auth(keys["user"])
+        )
+        task_id = (await resp.json())["task_id"]
+        await asyncio.sleep(0.02)  # its container's start is under way (it takes 1 s)
+        resp = await client.delete(f"/v1/tasks/{task_id}", headers=auth(keys["user"]))
+        assert resp.status == 200, await resp.text()
+    await asyncio.sleep(1.2)  # what the engine made meanwhile is removed
+    assert len(backend.started) == 5  # they were all created: the case that leaked
+    assert backend.servers == {}, backend.servers
+    assert hub.alerts.active.get("orphan_container") is None
+    assert await hub.monitor.orphan_scan() == []
