@@ -4,7 +4,9 @@
 # input:  {"source":  {"spiffe_id", "trust_domain", "agent", "instance_id", "task_id",
 #                      "local": bool (a container of this hub), "depth",
 #                      "lineage": [{"task_id", "agent"}] (ancestors, the user's task first)},
-#          "message": {...envelope: type, to?, topic?, kind, payload, task_id?...},
+#          "message": {...envelope: type, to?, topic?, kind, payload, task_id?...}
+#                   | {"type": "tool", "to", "kind": "mcp.tools/call", "tool", "arguments"?}
+#                     (an agent's MCP tools/call at /mcp; no "arguments": a tools/list probe),
 #          "target":  {"type": "agent", "agent": {...registry entry...}, "instances": [...]}
 #                   | {"type": "topic", "topic", "subscribers": [agent names], "instances": [...]}}
 #          where each of "instances" (the running containers that could receive it) is
@@ -41,6 +43,14 @@ deny contains "only an agent running a task may delegate" if {
 	not input.source.local == true
 }
 
+deny contains "only an agent running a task may call tools" if {
+	msg_type == "tool"
+	not input.source.local == true
+}
+
+# Types that start work on the target (a child task, or a tool run for the sender's owner).
+work_types := {"delegate", "tool"}
+
 # --- to an agent: request, broadcast (one decision per recipient), delegate ------------
 
 deny contains msg if {
@@ -51,7 +61,7 @@ deny contains msg if {
 
 deny contains msg if {
 	input.target.type == "agent"
-	msg_type != "delegate"
+	not msg_type in work_types
 	input.target.agent.name in cfg.protected_agents
 	msg := sprintf("agent %q only takes tasks, not messages", [input.target.agent.name])
 }
@@ -62,6 +72,15 @@ route_allowed if {
 	matches(rule.to, input.target.agent.name)
 	matches(rule.types, msg_type)
 	matches(object.get(rule, "kinds", ["*"]), kind)
+	tool_matches(rule)
+}
+
+# A route may name the tools it allows ("tools": [hub tool names]; absent = all).
+tool_matches(_) if msg_type != "tool"
+
+tool_matches(rule) if {
+	msg_type == "tool"
+	matches(object.get(rule, "tools", ["*"]), input.message.tool)
 }
 
 # --- to a topic: events ---------------------------------------------------------------
@@ -86,7 +105,7 @@ lineage_tasks contains input.source.task_id if input.source.task_id
 
 lineage_agents contains t.agent if some t in input.source.lineage
 
-lineage_agents contains sender if msg_type == "delegate"
+lineage_agents contains sender if msg_type in work_types
 
 # A message may speak for the sender's own task or an ancestor of it, nothing else.
 deny contains msg if {
@@ -97,7 +116,7 @@ deny contains msg if {
 
 # No delegation cycles: an agent already in the lineage cannot be delegated to again.
 deny contains msg if {
-	msg_type == "delegate"
+	msg_type in work_types
 	input.target.agent.name in lineage_agents
 	msg := sprintf("delegating to %q would form a cycle in the task lineage", [input.target.agent.name])
 }

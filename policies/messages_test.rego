@@ -203,3 +203,59 @@ test_a_cross_owner_rule_opens_exactly_its_route if {
 		with data.config.messages.cross_owner as rules
 	count(object.get(e, "deliver_to", set())) == 0
 }
+
+# --- tools an agent calls at /mcp (type "tool") ----------------------------------------------
+
+files := {"name": "files", "protocol": "mcp", "capabilities": [], "subscriptions": []}
+
+tool_call(to, tool) := {"type": "tool", "to": to, "kind": "mcp.tools/call", "tool": tool, "arguments": {"text": "hi"}}
+
+test_probe_may_call_echos_tool if {
+	d := decide(probe, tool_call("echo", "echo.debug.echo"), to_agent(echo))
+	d.allow == true
+}
+
+test_probe_may_call_an_mcp_servers_tool if {
+	d := decide(probe, tool_call("files", "files.read"), to_agent(files))
+	d.allow == true
+}
+
+test_a_tool_call_needs_a_tool_route if {
+	d := decide(coordinator, tool_call("echo", "echo.debug.echo"), to_agent(echo))
+	d.allow == false
+	some reason in d.reasons
+	contains(reason, "may not send tool messages")
+}
+
+test_a_request_route_does_not_allow_tools if {
+	# probe may request and delegate to anyone, but call tools of echo and files only
+	d := decide(probe, tool_call("wordstats", "wordstats.text.stats"), to_agent(wordstats))
+	d.allow == false
+}
+
+test_a_route_can_name_its_tools if {
+	routes := [{"from": ["probe"], "to": ["echo"], "types": ["tool"], "tools": ["echo.other"]}]
+	d := messages.decision with input as {"source": probe, "message": tool_call("echo", "echo.debug.echo"), "target": to_agent(echo)}
+		with data.config.messages.routes as routes
+	d.allow == false
+}
+
+test_an_external_sender_may_not_call_tools if {
+	d := messages.decision with input as {"source": external, "message": tool_call("echo", "echo.debug.echo"), "target": to_agent(echo)}
+		with data.config.messages.external_senders as [external.spiffe_id]
+		with data.config.messages.routes as [{"from": ["*"], "to": ["*"], "types": ["tool"]}]
+	d.allow == false
+	"only an agent running a task may call tools" in d.reasons
+}
+
+test_a_protected_agent_is_callable_as_a_tool if {
+	d := messages.decision with input as {"source": probe, "message": tool_call("calc", "calc.code.eval"), "target": to_agent(calc)}
+		with data.config.messages.routes as [{"from": ["probe"], "to": ["calc"], "types": ["tool"]}]
+	d.allow == true
+}
+
+test_a_tool_call_back_up_the_lineage_is_a_cycle if {
+	d := messages.decision with input as {"source": child, "message": tool_call("coordinator", "coordinator.x"), "target": to_agent({"name": "coordinator", "capabilities": []})}
+		with data.config.messages.routes as [{"from": ["*"], "to": ["*"], "types": ["tool"]}]
+	d.allow == false
+}

@@ -12,6 +12,7 @@ listens on ``--host``; this one listens on the address containers are given in
 | ``GET /v1/tasks/{task_id}`` | an agent's own or delegated task (JWT-SVID only) |
 | ``GET /a2a/{agent}/.well-known/agent-card.json``, ``POST /a2a/{agent}`` | A2A agents'
   calls to other agents: delegations (JWT-SVID only; ``gateway.http.a2a``) |
+| ``POST /mcp``, ``DELETE /mcp`` | agents' MCP tool calls (JWT-SVID only; ``gateway.http.mcp``) |
 | ``POST /v1/identity/renew``, ``GET /v1/identity/bundle`` | identities |
 | ``GET /healthz`` | liveness |
 
@@ -35,6 +36,7 @@ from gateway.errors import NotFound
 from gateway.http.a2a import setup_agent_a2a_routes
 from gateway.http.agent_routes import agent_get_task, presents_svid, setup_agent_routes
 from gateway.http.appkeys import HUB, MAX_BODY
+from gateway.http.mcp import setup_agent_mcp_routes
 from gateway.http.middlewares import error_middleware
 from gateway.hub import Hub
 from gateway.logs import get_logger
@@ -80,6 +82,7 @@ def create_agent_app(hub: Hub) -> web.Application:
     app[MAX_BODY] = hub.settings.max_body_bytes
     setup_agent_routes(app, hub)
     setup_agent_a2a_routes(app, hub)
+    setup_agent_mcp_routes(app, hub)
     app.router.add_get("/v1/tasks/{task_id}", get_task)
     app.router.add_get("/healthz", healthz)
     return app
@@ -114,7 +117,7 @@ def guard_agent_addresses(hub: Hub, allowed: frozenset[tuple[str, str]]) -> Call
             resource = request.match_info.route.resource
             key = (request.method, resource.canonical if resource is not None else "")
             user_read = (
-                key[1] == "/v1/tasks/{task_id}" or key[1].startswith("/a2a/")
+                key[1] in ("/v1/tasks/{task_id}", "/mcp") or key[1].startswith("/a2a/")
             ) and not presents_svid(request)
             if key not in allowed or user_read:
                 raise _not_served()

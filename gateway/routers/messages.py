@@ -11,7 +11,10 @@ the decision to the decision log, and only then routes it:
 - ``broadcast``: to every running agent the policy lets the sender reach (one decision per
   target agent; ``Delivered``);
 - ``delegate``: a child task through the normal dispatch path, linked to the sender's task
-  (``Delegated``).
+  (``Delegated``);
+- ``tool``: an MCP ``tools/call`` an agent makes at ``/mcp`` (built by the hub, never sent
+  as a ``POST /v1/messages`` body): decided here, then run by the MCP door (``tool_task``
+  for an agent's capability, ``gateway.routers.tools`` for an MCP server's tool).
 
 Messages are not persisted. No HTTP here: ``gateway.http.agent_routes`` calls these methods
 and picks the status code and body of each outcome.
@@ -55,6 +58,7 @@ MESSAGE_ENDPOINT = "/message"
 # What the policy input's ``request`` shows of the call that carried the message: the door
 # (protocol, method) and the W3C trace context, so one request can be followed across hops.
 REQUEST_CONTEXT = ("protocol", "rpc_method", "traceparent")
+TOOL_KIND = "mcp.tools/call"
 _request_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "message_request_context", default=None
 )
@@ -307,16 +311,78 @@ class MessageRouter:
             "broadcast", delivered, len(allowed), tuple(decision_ids), tuple(sorted(refused))
         )
 
-    async def _delegate(
+    # -- tools called by agents (the MCP door on a JWT-SVID)
+
+    def tool_allowed(self, sender: Sender, spec: AgentSpec, tool: str) -> bool:
+        """Whether the policy would let ``sender`` call ``tool`` of ``spec`` (asked without
+        arguments, not logged: for ``tools/list``)."""
+        config = self._config()
+        policy_input = {
+            "source": sender.source(),
+            "message": tool_message(spec.name, tool, None),
+            "target": self._target(config, spec),
+        }
+        return config.policy.evaluate(MESSAGES_QUERY, policy_input).allow
+
+    async def decide_tool(
         self,
-        config: Config,
         sender: Sender,
-        envelope: dict[str, Any],
-        wait_s: float | None,
+        spec: AgentSpec,
+        tool: str,
+        arguments: dict[str, Any],
+        request: dict[str, Any] | None = None,
+    ) -> str:
+        """Decide and log ``sender``'s call of ``tool`` (a message of type ``tool``); its
+        decision id, or PolicyDenied / DelegationTooDeep."""
+        config = self._config()
+        envelope = tool_message(spec.name, tool, arguments)
+        target = self._target(config, spec)
+        context = {k: request[k] for k in REQUEST_CONTEXT if request and k in request}
+        token = _request_context.set(context or None)
+        try:
+            if spec.protocol != "mcp":
+                await self._check_depth(config, sender, envelope, target)
+            decision_id = await self._decide(config, sender, envelope, target)
+        finally:
+            _request_context.reset(token)
+        if sender.instance is None:
+            # The policy should have refused already: a call runs for the sender's task's owner.
+            raise PolicyDenied(
+                "only an agent running a task may call tools", decision_id=decision_id
+            )
+        return decision_id
+
+    async def tool_task(
+        self,
+        sender: Sender,
+        spec: AgentSpec,
+        tool: str,
+        arguments: dict[str, Any],
         request: dict[str, Any],
-        idempotency_key: str | None = None,
     ) -> Delegated:
-        target = config.registry.get(envelope["to"])
+        """An agent capability called as a tool by an agent: decided, then a child task of
+        the sender's task, for that task's owner (as a delegation)."""
+        decision_id = await self.decide_tool(sender, spec, tool, arguments, request)
+        parent = sender.instance
+        assert parent is not None, "decide_tool refuses a sender without a task"
+        task_envelope: dict[str, Any] = {
+            "agent": spec.name,
+            "input": arguments,
+            "labels": {
+                "delegated_by": sender.spiffe_id,
+                "parent_task": parent.task_id,
+                "mcp_tool": tool,
+            },
+        }
+        task, _ = await self.tasks.submit(
+            parent.subject, task_envelope, request=request, parent=parent
+        )
+        log.info("tool call as a child task", extra={"child_task_id": task.id, "tool": tool})
+        return Delegated(task, decision_id)
+
+    async def _check_depth(
+        self, config: Config, sender: Sender, envelope: dict[str, Any], target: dict[str, Any]
+    ) -> None:
         parent = sender.instance
         limit = self.options.max_delegation_depth
         if parent is not None and parent.depth + 1 > limit:
@@ -328,14 +394,25 @@ class MessageRouter:
                 ),
                 error="depth_limit",
             )
-            decision_id = await self._record(
-                config, sender, envelope, self._target(config, target), decision
-            )
+            decision_id = await self._record(config, sender, envelope, target, decision)
             raise DelegationTooDeep(
                 decision.reasons[0],
                 details={"depth": parent.depth + 1, "limit": limit, "lineage": _lineage(parent)},
                 decision_id=decision_id,
             )
+
+    async def _delegate(
+        self,
+        config: Config,
+        sender: Sender,
+        envelope: dict[str, Any],
+        wait_s: float | None,
+        request: dict[str, Any],
+        idempotency_key: str | None = None,
+    ) -> Delegated:
+        target = config.registry.get(envelope["to"])
+        parent = sender.instance
+        await self._check_depth(config, sender, envelope, self._target(config, target))
         decision_id = await self._decide(config, sender, envelope, self._target(config, target))
         if parent is None:
             # The policy should have refused already: a task needs a parent to descend from.
@@ -495,6 +572,12 @@ class MessageRouter:
         """Where the logged input holds fields marked x-secret: in the payload of the
         message's kind and, for a delegation, in the child's input (its agent's schema)."""
         documents = config.schemas.documents
+        if envelope["type"] == "tool":
+            # A tool call's arguments are the input of the agent (MCP servers: not marked).
+            spec = config.registry.agents.get(_target_name(target))
+            if spec is None or spec.protocol == "mcp":
+                return []
+            return list(self._secrets.of(documents, spec.input_schema, "/message/arguments"))
         found = list(
             self._secrets.of(documents, KINDS_DIR + envelope["kind"] + ".json", "/message/payload")
         )
@@ -549,6 +632,14 @@ def _delivery(sender: Sender, envelope: dict[str, Any]) -> dict[str, Any]:
     if "task_id" in envelope:
         body["about_task"] = envelope["task_id"]
     return body
+
+
+def tool_message(to: str, tool: str, arguments: dict[str, Any] | None) -> dict[str, Any]:
+    """``input.message`` for an agent's call of ``tool`` (no ``arguments``: a listing)."""
+    message: dict[str, Any] = {"type": "tool", "to": to, "kind": TOOL_KIND, "tool": tool}
+    if arguments is not None:
+        message["arguments"] = arguments
+    return message
 
 
 def _instance_id(sender: Sender) -> str | None:

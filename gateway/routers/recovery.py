@@ -81,15 +81,7 @@ async def recover(
     started = time.perf_counter()
     report = RecoveryReport()
     containers = await backend.list_managed(hub_id)
-    owned = pools.owned() if pools is not None else set()
-    by_task: dict[str, list[dict[str, Any]]] = {}
-    pooled: dict[str, dict[str, Any]] = {}
-    for c in containers:
-        if LABEL_POOL in c["labels"] and LABEL_TASK not in c["labels"]:
-            if c["id"] not in owned:  # the pool of this run holds its own
-                pooled[c["id"]] = c
-            continue
-        by_task.setdefault(c["labels"].get(LABEL_TASK, ""), []).append(c)
+    by_task, pooled = _group(containers, pools.owned() if pools is not None else set())
     now = time.time()
     spares: list[dict[str, Any]] = []
     tasks = await store.active_tasks()
@@ -99,52 +91,7 @@ async def recover(
             by_task.setdefault(task.id, []).append(pooled.pop(task.container_id))
     for task in tasks:
         container = _pick(task, by_task.pop(task.id, []), spares)
-        agent = registry.agents.get(task.agent)
-        if task.deadline <= now:
-            await router.end(
-                task.id,
-                "timed_out",
-                {"code": "agent_timeout", "message": "deadline passed while the hub was down"},
-            )
-            report.timed_out.append(task.id)
-            if container is not None:
-                await _remove(backend, container)
-            continue
-        if agent is None:
-            await router.end(
-                task.id,
-                "failed",
-                {"code": "unknown_agent", "message": f"agent {task.agent!r} left the registry"},
-            )
-            report.failed.append(task.id)
-            if container is not None:
-                await _remove(backend, container)
-            continue
-        if container is not None and container.get("state") == "running":
-            await router.reattach(task, agent, container["id"])
-            report.reattached.append(task.id)
-            continue
-        if container is not None:
-            await _remove(backend, container)
-        attempts = int(task.attempts or 0)
-        if attempts >= settings.max_attempts:
-            await router.end(
-                task.id,
-                "failed",
-                {
-                    "code": "retry_budget_exhausted",
-                    "message": f"not finished after {attempts + 1} attempts",
-                },
-            )
-            report.failed.append(task.id)
-            continue
-        reason = (
-            "re-dispatched after a hub restart: "
-            + ("its container had exited" if container is not None else "no container ran it")
-            + f" (attempt {attempts + 2})"
-        )
-        await router.redispatch(task, agent, reason)
-        report.redispatched.append(task.id)
+        await _reconcile(task, container, router, backend, registry, settings, now, report)
     for orphan in [c for group in by_task.values() for c in group] + spares:
         report.orphans.append(orphan["name"])
         alerts.raise_alert(
@@ -159,6 +106,75 @@ async def recover(
     report.seconds = time.perf_counter() - started
     log.info("recovery done", extra=report.to_json())
     return report
+
+
+def _group(
+    containers: list[dict[str, Any]], owned: set[str]
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
+    """This hub's containers by task label, and the warm ones of an earlier run by id."""
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    pooled: dict[str, dict[str, Any]] = {}
+    for c in containers:
+        if LABEL_POOL in c["labels"] and LABEL_TASK not in c["labels"]:
+            if c["id"] not in owned:  # the pool of this run holds its own
+                pooled[c["id"]] = c
+            continue
+        by_task.setdefault(c["labels"].get(LABEL_TASK, ""), []).append(c)
+    return by_task, pooled
+
+
+async def _reconcile(
+    task: Task,
+    container: dict[str, Any] | None,
+    router: TaskRouter,
+    backend: ContainerBackend,
+    registry: Registry,
+    settings: RecoverySettings,
+    now: float,
+    report: RecoveryReport,
+) -> None:
+    """One unfinished task: time it out, fail it, re-attach it or re-dispatch it."""
+    agent = registry.agents.get(task.agent)
+    ending: tuple[str, dict[str, str], list[str]] | None = None
+    if task.deadline <= now:
+        error = {"code": "agent_timeout", "message": "deadline passed while the hub was down"}
+        ending = ("timed_out", error, report.timed_out)
+    elif agent is None:
+        error = {"code": "unknown_agent", "message": f"agent {task.agent!r} left the registry"}
+        ending = ("failed", error, report.failed)
+    if ending is not None:
+        state, error, outcome = ending
+        await router.end(task.id, state, error)
+        outcome.append(task.id)
+        if container is not None:
+            await _remove(backend, container)
+        return
+    assert agent is not None
+    if container is not None and container.get("state") == "running":
+        await router.reattach(task, agent, container["id"])
+        report.reattached.append(task.id)
+        return
+    if container is not None:
+        await _remove(backend, container)
+    attempts = int(task.attempts or 0)
+    if attempts >= settings.max_attempts:
+        await router.end(
+            task.id,
+            "failed",
+            {
+                "code": "retry_budget_exhausted",
+                "message": f"not finished after {attempts + 1} attempts",
+            },
+        )
+        report.failed.append(task.id)
+        return
+    reason = (
+        "re-dispatched after a hub restart: "
+        + ("its container had exited" if container is not None else "no container ran it")
+        + f" (attempt {attempts + 2})"
+    )
+    await router.redispatch(task, agent, reason)
+    report.redispatched.append(task.id)
 
 
 def _pick(

@@ -90,6 +90,16 @@ def request_hash(envelope: Any) -> str:
     ).hexdigest()
 
 
+@dataclass
+class _Run:
+    """What one run of a task holds, for whichever way it ends."""
+
+    instance: Instance | None = None
+    handle: ContainerHandle | None = None
+    warm: Warm | None = None
+    keep_for: str | None = None  # the owner a reusable warm container goes back to
+
+
 class TaskRouter:
     """Owns task dispatch from submission to terminal state."""
 
@@ -379,101 +389,23 @@ class TaskRouter:
         Without ``subject`` and ``lineage`` (a task resumed after a restart) both are
         restored: the submitter's current roles from the keys file, the lineage from the store.
         ``instance`` is one ``reattach`` opened already (its container holds the token).
+        The phases: restore, place (attach, warm or cold), execute (ready, hand over,
+        result); every exit winds the run up (revoke, release or remove, signal).
         """
         task_id = task.id
-        handle: ContainerHandle | None = None
-        warm: Warm | None = None
-        keep_for: str | None = None  # the owner a reusable warm container goes back to
+        run = _Run(instance=instance)
         start = time.monotonic()
         timeout_s = float(task.timeout_s)
         with bound(task_id=task_id, decision_id=task.decision_id, agent=agent.name):
             try:
-                if subject is None:
-                    subject = self._subjects(task.key_id, task.subject or "")
-                if lineage is None:
-                    # Restored so the depth limit and lineage rules hold across a restart.
-                    lineage = tuple(
-                        LineageEntry(tid, name) for tid, name in await self.store.ancestors(task_id)
-                    )
+                subject, lineage = await self._restore(task, subject, lineage)
                 async with asyncio.timeout(max(0.0, task.deadline - time.time())):
                     # A re-attached container runs already; a delegated child's parent
                     # holds a slot and waits for it: neither waits for the subject's quota.
                     bypass = attach_to is not None or task.parent_id is not None
                     async with self.quotas.slot(task_id, subject, self._slots, bypass=bypass):
-                        # The identity exists before the container, so the container starts
-                        # with its token (a re-attached one keeps its own); closing the
-                        # instance revokes it.
-                        if instance is None:
-                            instance = self.instances.open(
-                                agent=agent.name,
-                                task_id=task_id,
-                                subject=subject,
-                                lineage=lineage,
-                                instance_id=task.instance_id if attach_to else None,
-                            )
-                        self._expect_report(task_id)
-                        if attach_to is not None:
-                            handle = await self.backend.attach(attach_to, agent.port)
-                            # The crash may have come before the id was recorded.
-                            await self.store.update_task(
-                                task_id, container_id=handle.id, container_name=handle.name
-                            )
-                        else:
-                            if self.pool is not None:
-                                # Policy first (decided at submit), then the pool: a warm
-                                # container only with exactly the sandbox granted.
-                                warm = await self.pool.acquire(
-                                    agent,
-                                    sandbox,
-                                    owner=subject.id,
-                                    reuse=self._reuse.get(task_id, False),
-                                    timeout_s=max(0.0, task.deadline - time.time()),
-                                )
-                            if warm is not None:
-                                # One write, the instance id with it, before the hand-off.
-                                handle = warm.handle
-                                await self._move(
-                                    task_id,
-                                    "dispatched",
-                                    ("pending",),
-                                    instance_id=instance.instance_id,
-                                    container_id=handle.id,
-                                    container_name=handle.name,
-                                    dispatch="warm",
-                                )
-                            else:
-                                handle = await self._start_cold(task, agent, sandbox, instance)
-                        card = None
-                        if agent.protocol == "a2a":
-                            # An A2A server has no /health: its card, checked, is the probe.
-                            card = await self.a2a.ready_card(
-                                handle, agent, self.options.ready_timeout_s
-                            )
-                        elif warm is None:
-                            # A warm container answered /health before it was pooled.
-                            await self.agents.wait_ready(handle, self.options.ready_timeout_s)
-                        self.instances.ready(instance, handle)
-                        if task.state != "running" or attach_to is None:
-                            await self._move(task_id, "running", ("dispatched",))
-                        if self.dispatch_observer:
-                            self.dispatch_observer(agent.name, time.monotonic() - start)
-                        # A warm container had no identity: its token comes with the task.
-                        svid = instance.env.get(SVID_ENV) if warm is not None else None
-                        if card is not None:
-                            reply = await self.a2a.run(
-                                handle,
-                                card,
-                                task_id=task_id,
-                                task_input=task.input,
-                                timeout_s=max(0.001, task.deadline - time.time()),
-                                traceparent=self.trace_of(task_id),
-                                progress=lambda data: self._progress(task_id, data),
-                            )
-                        else:
-                            reply = await self._hand_over(task, agent, handle, svid=svid)
-                        succeeded = await self._complete(task_id, agent, reply)
-                        if warm is not None and succeeded and self._reuse.get(task_id):
-                            keep_for = subject.id
+                        await self._place(run, task, agent, sandbox, attach_to, subject, lineage)
+                        await self._execute(run, task, agent, attach_to, subject, start)
             except (TimeoutError, AgentTimeout):
                 # Either clock may fire first (the task's deadline, or the HTTP read timeout
                 # set to the same deadline); both mean the agent ran out of time.
@@ -483,15 +415,7 @@ class TaskRouter:
                     error={"code": "agent_timeout", "message": f"no result within {timeout_s:g} s"},
                 )
             except asyncio.CancelledError:
-                # Cancelled by cancel() (which recorded the state): the container goes. By
-                # shutdown: it stays, to be re-attached by the next start (or end at its TTL).
-                if instance is not None and not self._detaching:
-                    self.instances.close(instance)
-                if warm is not None and not self._detaching:
-                    await self._release(warm, None)
-                elif handle is not None and (not self._detaching or await self._ended(task_id)):
-                    await self._remove_soon(handle)
-                handle = warm = None
+                await self._abandon(run, task_id)
                 raise
             except GatewayError as e:
                 await self._finish(task_id, "failed", error=e.to_json()["error"])
@@ -501,17 +425,146 @@ class TaskRouter:
                     task_id, "failed", error={"code": "internal_error", "message": type(e).__name__}
                 )
             finally:
-                report = self._reports.pop(task_id, None)
-                if report is not None and report.done() and not report.cancelled():
-                    report.exception()  # a result that lost the race: retrieved, not logged
-                if instance is not None and not self._detaching:
-                    # Revoked before removal: the token dies with the task, not after.
-                    self.instances.close(instance)
-                if warm is not None:
-                    await self._release(warm, keep_for)
-                elif handle is not None:
-                    await self._remove_soon(handle)
-                self._signal(task_id)
+                await self._wind_up(run, task_id)
+
+    async def _restore(
+        self,
+        task: Task,
+        subject: Subject | None,
+        lineage: tuple[LineageEntry, ...] | None,
+    ) -> tuple[Subject, tuple[LineageEntry, ...]]:
+        """The task's subject and lineage; restored from the keys and the store when unknown."""
+        if subject is None:
+            subject = self._subjects(task.key_id, task.subject or "")
+        if lineage is None:
+            # Restored so the depth limit and lineage rules hold across a restart.
+            lineage = tuple(
+                LineageEntry(tid, name) for tid, name in await self.store.ancestors(task.id)
+            )
+        return subject, lineage
+
+    async def _place(
+        self,
+        run: _Run,
+        task: Task,
+        agent: AgentSpec,
+        sandbox: dict[str, Any],
+        attach_to: str | None,
+        subject: Subject,
+        lineage: tuple[LineageEntry, ...],
+    ) -> None:
+        """Give the run its identity and its container: re-attached, warm or cold."""
+        task_id = task.id
+        # The identity exists before the container, so the container starts with its token
+        # (a re-attached one keeps its own); closing the instance revokes it.
+        if run.instance is None:
+            run.instance = self.instances.open(
+                agent=agent.name,
+                task_id=task_id,
+                subject=subject,
+                lineage=lineage,
+                instance_id=task.instance_id if attach_to else None,
+            )
+        self._expect_report(task_id)
+        if attach_to is not None:
+            run.handle = await self.backend.attach(attach_to, agent.port)
+            # The crash may have come before the id was recorded.
+            await self.store.update_task(
+                task_id, container_id=run.handle.id, container_name=run.handle.name
+            )
+            return
+        if self.pool is not None:
+            # Policy first (decided at submit), then the pool: a warm container only with
+            # exactly the sandbox granted.
+            run.warm = await self.pool.acquire(
+                agent,
+                sandbox,
+                owner=subject.id,
+                reuse=self._reuse.get(task_id, False),
+                timeout_s=max(0.0, task.deadline - time.time()),
+            )
+        if run.warm is None:
+            run.handle = await self._start_cold(task, agent, sandbox, run.instance)
+            return
+        # One write, the instance id with it, before the hand-off.
+        run.handle = run.warm.handle
+        await self._move(
+            task_id,
+            "dispatched",
+            ("pending",),
+            instance_id=run.instance.instance_id,
+            container_id=run.handle.id,
+            container_name=run.handle.name,
+            dispatch="warm",
+        )
+
+    async def _execute(
+        self,
+        run: _Run,
+        task: Task,
+        agent: AgentSpec,
+        attach_to: str | None,
+        subject: Subject,
+        start: float,
+    ) -> None:
+        """Wait for the agent, hand the task over, record the result."""
+        task_id = task.id
+        handle, instance = run.handle, run.instance
+        assert handle is not None and instance is not None
+        card = None
+        if agent.protocol == "a2a":
+            # An A2A server has no /health: its card, checked, is the probe.
+            card = await self.a2a.ready_card(handle, agent, self.options.ready_timeout_s)
+        elif run.warm is None:
+            # A warm container answered /health before it was pooled.
+            await self.agents.wait_ready(handle, self.options.ready_timeout_s)
+        self.instances.ready(instance, handle)
+        if task.state != "running" or attach_to is None:
+            await self._move(task_id, "running", ("dispatched",))
+        if self.dispatch_observer:
+            self.dispatch_observer(agent.name, time.monotonic() - start)
+        if card is not None:
+            reply = await self.a2a.run(
+                handle,
+                card,
+                task_id=task_id,
+                task_input=task.input,
+                timeout_s=max(0.001, task.deadline - time.time()),
+                traceparent=self.trace_of(task_id),
+                progress=lambda data: self._progress(task_id, data),
+            )
+        else:
+            # A warm container had no identity: its token comes with the task.
+            svid = instance.env.get(SVID_ENV) if run.warm is not None else None
+            reply = await self._hand_over(task, agent, handle, svid=svid)
+        succeeded = await self._complete(task_id, agent, reply)
+        if run.warm is not None and succeeded and self._reuse.get(task_id):
+            run.keep_for = subject.id
+
+    async def _abandon(self, run: _Run, task_id: str) -> None:
+        """A cancelled run. By cancel() (which recorded the state) its container goes; by
+        shutdown it stays, to be re-attached by the next start (or end at its TTL)."""
+        if run.instance is not None and not self._detaching:
+            self.instances.close(run.instance)
+        if run.warm is not None and not self._detaching:
+            await self._release(run.warm, None)
+        elif run.handle is not None and (not self._detaching or await self._ended(task_id)):
+            await self._remove_soon(run.handle)
+        run.handle = run.warm = None
+
+    async def _wind_up(self, run: _Run, task_id: str) -> None:
+        """Whatever ended the run: revoke its identity, release or remove its container."""
+        report = self._reports.pop(task_id, None)
+        if report is not None and report.done() and not report.cancelled():
+            report.exception()  # a result that lost the race: retrieved, not logged
+        if run.instance is not None and not self._detaching:
+            # Revoked before removal: the token dies with the task, not after.
+            self.instances.close(run.instance)
+        if run.warm is not None:
+            await self._release(run.warm, run.keep_for)
+        elif run.handle is not None:
+            await self._remove_soon(run.handle)
+        self._signal(task_id)
 
     async def _start_cold(
         self, task: Task, agent: AgentSpec, sandbox: dict[str, Any], instance: Instance

@@ -10,6 +10,7 @@ from the environment, and the token is renewed by itself shortly before it expir
     reply = hub.request("wordstats", "text.stats", {"text": "Policies decide."})
     hub.publish("notices", "notice", {"text": "done"})
     output = hub.delegate("wordstats", {"text": "a part of a document"})
+    result = hub.call_tool("echo.debug.echo", {"text": "hi"})  # MCP, through GATEWAY_URL/mcp
 
 Every failure the hub reports raises ``HubError`` with its status, code and message.
 
@@ -41,6 +42,8 @@ POLL_S = 25.0  # below the hub's default max_wait_s of 60
 DEFAULT_RETRY_S = 30.0
 # Statuses that say "not now" rather than "never": worth the same call again later.
 TRANSIENT_STATUSES = frozenset({0, 408, 425, 429})  # and every 5xx
+# The stateless MCP revision: no initialize, no session; each request carries its envelope.
+MCP_VERSION = "2026-07-28"
 TERMINAL_STATES = frozenset({"succeeded", "failed", "timed_out", "cancelled"})
 # A reused keep-alive connection the server closed meanwhile fails with one of these before
 # any byte of a response: safe to send again on a fresh connection.
@@ -315,6 +318,33 @@ class GatewayClient:
         return self._call("GET", "/v1/identity/bundle", None, auth=False)[1]
 
     # -- plumbing
+
+    def call_tool(
+        self, name: str, arguments: Mapping[str, Any] | None = None, *, timeout_s: float = 300.0
+    ) -> dict[str, Any]:
+        """Call MCP tool ``name`` through the hub (``POST /mcp``, revision 2026-07-28); return
+        its ``CallToolResult`` (``isError`` for a denial or a failure, with the decision id).
+        A protocol error raises HubError."""
+        params = {
+            "name": name,
+            "arguments": dict(arguments or {}),
+            "_meta": {
+                "io.modelcontextprotocol/protocolVersion": MCP_VERSION,
+                "io.modelcontextprotocol/clientCapabilities": {},
+            },
+        }
+        body = {"jsonrpc": "2.0", "id": uuid.uuid4().hex, "method": "tools/call", "params": params}
+        headers = {
+            "MCP-Protocol-Version": MCP_VERSION,
+            "Mcp-Method": "tools/call",
+            "Mcp-Name": name,
+        }
+        # An error status (401, 403...) raises HubError with the JSON-RPC code as its code.
+        doc = self._call("POST", "/mcp", body, timeout_s=timeout_s, headers=headers)[1]
+        if not isinstance(doc, dict) or "result" not in doc:
+            err = doc.get("error", {}) if isinstance(doc, dict) else {}
+            raise HubError(200, "mcp_error", str(err.get("message", "no result")), err)
+        return dict(doc["result"])
 
     def _left(self, deadline: float) -> float:
         """One call's timeout: the usual one, but no longer than until ``deadline``."""

@@ -33,6 +33,9 @@ AGENT_ROUTES = {
     # A2A agents' calls to other agents (JWT-SVID only): delegations.
     ("GET", "/a2a/{agent}/.well-known/agent-card.json"),
     ("POST", "/a2a/{agent}"),
+    # Agents' MCP tool calls (JWT-SVID only), decided by the messages policy.
+    ("POST", "/mcp"),
+    ("DELETE", "/mcp"),
 }
 
 

@@ -17,6 +17,7 @@ Steps::
     {"op": "result_for", "task_id", "output"}                  -> report another task's result
     {"op": "wait_messages", "count", "timeout_s"}              -> messages received so far
     {"op": "load", "to", "n", "concurrency", "direct_url"?}    -> round trips per second
+    {"op": "tool", "name", "arguments"?}                       -> an MCP tool's result (/mcp)
 
 ``load`` sends ``n`` ping requests from ``concurrency`` threads, through the hub or, with
 ``direct_url``, straight to another agent's ``/message`` (possible only where the network
@@ -159,6 +160,8 @@ def run_step(step, client):
     if op == "delegate":
         output = client.delegate(step["to"], step["input"], wait_s=step.get("wait_s", 60))
         return {"ok": True, "output": output}
+    if op == "tool":
+        return {"ok": True, "result": client.call_tool(step["name"], step.get("arguments", {}))}
     if op == "connect":
         return connect(step["host"], step["port"], step.get("timeout_s", 2))
     if op == "renew":

@@ -9,10 +9,16 @@ the wire types (``mcp_types``), the protocol revisions (``mcp_types.version``), 
 error-to-status table, and answers every request with one ``application/json`` body.
 
 Order of checks for every request: Host and ``Origin`` (DNS-rebinding protection; 421/403),
-the bearer API key (401 with ``WWW-Authenticate`` naming the protected-resource metadata),
+the bearer API key or an agent's JWT-SVID (401 with ``WWW-Authenticate`` naming the
+protected-resource metadata, and what is wrong with a token),
 the body (415, 400 parse error, 400 invalid request), the revision (a handshake revision
 with its session, or the stateless 2026-07-28 envelope), the API policy (``POST /mcp`` with
 ``params.rpc`` and ``params.tool``), then the method.
+
+An agent in a container calls with its JWT-SVID (here, and on the agent listener where only
+that is accepted): its ``tools/call`` is a message of type ``tool`` decided by the messages
+policy (``MessageRouter.decide_tool``) and run for the owner of the sender's task; its
+``tools/list`` shows what that policy would let it call.
 """
 
 from __future__ import annotations
@@ -51,8 +57,15 @@ from mcp_types.version import (
 )
 
 from gateway import __version__
-from gateway.errors import GatewayError, PolicyDenied, SchemaViolation, Unauthorized
+from gateway.errors import (
+    DelegationTooDeep,
+    GatewayError,
+    PolicyDenied,
+    SchemaViolation,
+    Unauthorized,
+)
 from gateway.http.access import admit_submission, remote_addr
+from gateway.http.agent_routes import authenticate_agent, presents_svid
 from gateway.http.appkeys import MAX_BODY
 from gateway.http.mcp.sessions import Session, SessionTable
 from gateway.http.mcp.tools import ToolCatalog
@@ -61,6 +74,7 @@ from gateway.hub import Hub
 from gateway.identity.apikeys import Subject
 from gateway.logs import get_logger
 from gateway.routers.access import ApiCall, task_resource
+from gateway.routers.messages import Sender
 from gateway.store import Task
 
 log = get_logger(__name__)
@@ -78,6 +92,17 @@ DISCONNECT_POLL_S = 0.5
 # Keys the 2026-07-28 results carry that the handshake revisions do not define.
 _MODERN_ONLY_KEYS = ("resultType", "ttlMs", "cacheScope")
 SUPPORTED = [*HANDSHAKE_PROTOCOL_VERSIONS[2:], *MODERN_PROTOCOL_VERSIONS]
+
+
+# Who calls: a user or client (API key) or an agent in a container (JWT-SVID).
+Caller = Subject | Sender
+
+
+def caller_id(caller: Caller) -> str:
+    """The id sessions are bound to: the subject, or the agent's instance (else SPIFFE id)."""
+    if isinstance(caller, Subject):
+        return caller.id
+    return f"svid:{caller.identity.instance_id or caller.spiffe_id}"
 
 
 class RpcError(Exception):
@@ -98,8 +123,12 @@ class ClientGone(Exception):
 class McpDoor:
     """The MCP server: its sessions, tool catalog and allowed origins."""
 
-    def __init__(self, hub: Hub, *, allowed_origins: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, hub: Hub, *, allowed_origins: tuple[str, ...] = (), svid_only: bool = False
+    ) -> None:
         self.hub = hub
+        # The agent listener's door: agents' tokens only, never an API key.
+        self.svid_only = svid_only
         self.catalog = ToolCatalog()
         self.sessions = SessionTable()
         self.allowed_origins = frozenset(o.rstrip("/") for o in allowed_origins)
@@ -127,27 +156,40 @@ class McpDoor:
             return
         raise RpcError(FORBIDDEN, f"Origin {origin!r} is not allowed", status=403)
 
-    def subject(self, request: web.Request) -> Subject:
-        """The caller's subject; 401 with the protected-resource metadata when none."""
+    def subject(self, request: web.Request) -> Caller:
+        """The caller: a subject (API key) or a verified agent (JWT-SVID); 401 with the
+        protected-resource metadata when neither."""
         try:
+            if self.svid_only or presents_svid(request):
+                return authenticate_agent(request)
             subject = authenticate_optional(request)
         except Unauthorized as e:
-            raise self._unauthorized(request, e.message, invalid=True) from None
+            raise self._unauthorized(request, e.message, invalid=True, code=e.code) from None
         if subject is None:
             raise self._unauthorized(request, "this endpoint needs an API key (Bearer)")
         return subject
 
     def _unauthorized(
-        self, request: web.Request, message: str, *, invalid: bool = False
+        self, request: web.Request, message: str, *, invalid: bool = False, code: str | None = None
     ) -> RpcError:
         challenge = f'Bearer realm="agent-gateway", resource_metadata="{metadata_url(request)}"'
         if invalid:
             challenge += ', error="invalid_token"'
-        return RpcError(UNAUTHORIZED, message, status=401, headers={"WWW-Authenticate": challenge})
+        data = {"code": code} if code else None
+        return RpcError(
+            UNAUTHORIZED, message, data, status=401, headers={"WWW-Authenticate": challenge}
+        )
 
-    async def authorize(self, request: web.Request, subject: Subject, rpc: str, tool: Any) -> None:
-        """The API policy's decision on this JSON-RPC call (one ``api`` record)."""
+    async def authorize(self, request: web.Request, subject: Caller, rpc: str, tool: Any) -> None:
+        """The API policy's decision on this JSON-RPC call (one ``api`` record); an agent's
+        calls are counted as its messages (its tool calls are decided by the messages
+        policy)."""
         hub = self.hub
+        if isinstance(subject, Sender):
+            hub.limiter.message(
+                subject.identity.instance_id or subject.spiffe_id, subject.identity.agent
+            )
+            return
         hub.limiter.api_call(subject, remote_addr(request))
         params: dict[str, Any] = {"rpc": rpc[:256]}
         if isinstance(tool, str):
@@ -163,14 +205,12 @@ class McpDoor:
 
     # -- methods
 
-    def initialize(
-        self, subject: Subject, params: dict[str, Any]
-    ) -> tuple[dict[str, Any], Session]:
+    def initialize(self, subject: Caller, params: dict[str, Any]) -> tuple[dict[str, Any], Session]:
         """Open a session at the revision the client asked for, or our newest."""
         asked = params.get("protocolVersion")
         version = asked if asked in HANDSHAKE_PROTOCOL_VERSIONS else LATEST_HANDSHAKE_VERSION
         client = params.get("clientInfo") if isinstance(params.get("clientInfo"), dict) else None
-        session = self.sessions.open(subject.id, version, client)
+        session = self.sessions.open(caller_id(subject), version, client)
         result = types.InitializeResult(
             protocol_version=version,
             capabilities=_capabilities(),
@@ -189,20 +229,39 @@ class McpDoor:
         return dump(result, MODERN_PROTOCOL_VERSIONS[-1])
 
     async def list_tools(
-        self, request: web.Request, subject: Subject, version: str
+        self, request: web.Request, subject: Caller, version: str
     ) -> dict[str, Any]:
         """The tools the dispatch policy (agents) and the tools policy (MCP servers behind
-        the hub) would let ``subject`` call."""
+        the hub) would let ``subject`` call; for an agent, those the messages policy would
+        let it call (and, for MCP servers' tools, the tools policy its task's owner)."""
         config = self.hub.config
         info = _request_info(request, "tools/list")
+        if isinstance(subject, Sender):
+            return {"tools": await self._agent_tools(subject, info), **_result_extra(version)}
         tools = self.catalog.visible(config, subject, info)
         tools += await self.hub.tools.visible(subject, info)
         return {"tools": tools, **_result_extra(version)}
 
+    async def _agent_tools(self, sender: Sender, info: dict[str, Any]) -> list[dict[str, Any]]:
+        hub = self.hub
+        config = hub.config
+        if sender.instance is None:
+            return []  # only an agent running a task may call tools (messages policy)
+        shown = [
+            t.tool
+            for t in self.catalog.tools(config).values()
+            if hub.messages.tool_allowed(sender, config.registry.agents[t.agent], t.name)
+        ]
+        for tool in await hub.tools.visible(sender.instance.subject, info):
+            found = hub.tools.split(config, tool["name"])
+            if found is not None and hub.messages.tool_allowed(sender, found[0], tool["name"]):
+                shown.append(tool)
+        return shown
+
     async def call_tool(
         self,
         request: web.Request,
-        subject: Subject,
+        subject: Caller,
         params: dict[str, Any],
         version: str,
         *,
@@ -226,13 +285,21 @@ class McpDoor:
         tool = self.catalog.get(hub.config, name)
         if tool is None:
             raise RpcError(INVALID_PARAMS, f"Unknown tool: {name}", status=400)
-        envelope = {"agent": tool.agent, "input": arguments, "labels": {"mcp_tool": name}}
         info = _request_info(request, "tools/call", tool=name)
-        with admit_submission(request):
+        if isinstance(subject, Sender):
+            spec = hub.config.registry.agents[tool.agent]
             try:
-                task, _ = await hub.router.submit(subject, envelope, request=info)
-            except (PolicyDenied, SchemaViolation) as e:
+                routed = await hub.messages.tool_task(subject, spec, name, arguments, info)
+            except (PolicyDenied, SchemaViolation, DelegationTooDeep) as e:
                 return error_result(e.to_json()["error"], version, pointers_from="/input")
+            task = routed.task
+        else:
+            envelope = {"agent": tool.agent, "input": arguments, "labels": {"mcp_tool": name}}
+            with admit_submission(request):
+                try:
+                    task, _ = await hub.router.submit(subject, envelope, request=info)
+                except (PolicyDenied, SchemaViolation) as e:
+                    return error_result(e.to_json()["error"], version, pointers_from="/input")
         if on_task is not None:
             on_task(task.id)
         if session is not None:
@@ -247,15 +314,25 @@ class McpDoor:
     async def _call_server_tool(
         self,
         request: web.Request,
-        subject: Subject,
+        subject: Caller,
         name: str,
         arguments: dict[str, Any],
         version: str,
     ) -> dict[str, Any]:
-        """A tool of an MCP server behind the hub (``gateway.routers.tools``)."""
+        """A tool of an MCP server behind the hub (``gateway.routers.tools``); an agent's
+        call is first decided by the messages policy, then made for its task's owner."""
         info = _request_info(request, "tools/call", tool=name)
+        hub = self.hub
         try:
-            result = await self.hub.tools.call(subject, name, arguments, info)
+            if isinstance(subject, Sender):
+                found = hub.tools.split(hub.config, name)
+                assert found is not None, "the caller checked with split() first"
+                await hub.messages.decide_tool(subject, found[0], name, arguments, info)
+                assert subject.instance is not None, "decide_tool refuses a sender without a task"
+                owner = subject.instance.subject
+            else:
+                owner = subject
+            result = await hub.tools.call(owner, name, arguments, info)
         except GatewayError as e:
             # A denial, a schema violation or a server that failed: a tool error result.
             return error_result(e.to_json()["error"], version)
@@ -292,7 +369,7 @@ class McpDoor:
             raise
 
     async def cancel(
-        self, request: web.Request, subject: Subject, session: Session, params: Any
+        self, request: web.Request, subject: Caller, session: Session, params: Any
     ) -> None:
         """``notifications/cancelled``: cancel the task behind that request, if the API
         policy lets this subject cancel it (the rule of ``DELETE /v1/tasks/{task_id}``)."""
@@ -305,6 +382,10 @@ class McpDoor:
         task = await hub.router.get(task_id)
         if task.terminal:
             return
+        if isinstance(subject, Sender):
+            # The session is the agent's, and so is the child task it started in it.
+            await self._cancel(session, params, task_id, caller_id(subject))
+            return
         call = ApiCall(
             method="DELETE",
             route="/v1/tasks/{task_id}",
@@ -313,10 +394,16 @@ class McpDoor:
             remote_addr=remote_addr(request),
         )
         await hub.access.authorize(subject, call, task_resource(task))
+        await self._cancel(session, params, task_id, subject.id)
+
+    async def _cancel(
+        self, session: Session, params: dict[str, Any], task_id: str, who: str
+    ) -> None:
+        hub = self.hub
         session.cancelled[params.get("requestId")] = True  # type: ignore[index]
         reason = params.get("reason")
         why = f": {reason}" if isinstance(reason, str) else ""
-        by = f"{subject.id} (MCP notifications/cancelled{why})"
+        by = f"{who} (MCP notifications/cancelled{why})"
         try:
             await hub.router.cancel(task_id, by=by[:300])
         except GatewayError as e:
@@ -535,7 +622,7 @@ async def post_mcp(request: web.Request) -> web.StreamResponse:
 async def _handshake(
     request: web.Request,
     door: McpDoor,
-    subject: Subject,
+    subject: Caller,
     body: dict[str, Any],
     method: str,
     params: dict[str, Any],
@@ -554,13 +641,14 @@ async def _handshake(
         response = _reply(request_id, result=result)
         response.headers[SESSION_HEADER] = session.id
         log.info(
-            "mcp session opened", extra={"subject": subject.id, "version": session.protocol_version}
+            "mcp session opened",
+            extra={"subject": caller_id(subject), "version": session.protocol_version},
         )
         return response
     session_id = request.headers.get(SESSION_HEADER)
     if session_id is None:
         raise RpcError(INVALID_REQUEST, f"missing {SESSION_HEADER}: initialize first", status=400)
-    session = door.sessions.get(session_id, subject.id)
+    session = door.sessions.get(session_id, caller_id(subject))
     if session is None:
         raise RpcError(
             INVALID_REQUEST, "session not found (expired or ended): initialize again", status=404
@@ -610,7 +698,7 @@ async def _handshake(
 async def _modern(
     request: web.Request,
     door: McpDoor,
-    subject: Subject,
+    subject: Caller,
     body: dict[str, Any],
     method: str,
     params: dict[str, Any],
@@ -674,7 +762,7 @@ def _sse(message: dict[str, Any]) -> bytes:
 async def _call_with_progress(
     request: web.Request,
     door: McpDoor,
-    subject: Subject,
+    subject: Caller,
     params: dict[str, Any],
     version: str,
     *,
@@ -756,7 +844,9 @@ def _ladder(rejection: InboundLadderRejection) -> RpcError:
 
 async def get_mcp(request: web.Request) -> web.Response:
     """No server-initiated stream is offered (the spec allows 405)."""
-    return web.Response(status=405, headers={"Allow": "POST, DELETE"})
+    return web.Response(
+        status=405, text="", content_type="text/plain", headers={"Allow": "POST, DELETE"}
+    )
 
 
 async def delete_mcp(request: web.Request) -> web.Response:
@@ -768,7 +858,7 @@ async def delete_mcp(request: web.Request) -> web.Response:
         session_id = request.headers.get(SESSION_HEADER)
         if session_id is None:
             raise RpcError(INVALID_REQUEST, f"missing {SESSION_HEADER}", status=400)
-        if door.sessions.get(session_id, subject.id) is None:
+        if door.sessions.get(session_id, caller_id(subject)) is None:
             raise RpcError(INVALID_REQUEST, "session not found", status=404)
         await door.authorize(request, subject, "session/delete", None)
     except RpcError as e:
