@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 import itertools
 import os
@@ -198,6 +199,14 @@ async def fake_hub(
 CLIENT_TASKS = ("name='mcp.client.", "name='a2a.client.", "/site-packages/mcp/client/")
 
 
+def _took(message: str) -> float:
+    """The seconds in asyncio's "Executing ... took 0.668 seconds"."""
+    try:
+        return float(message.rsplit(" took ", 1)[1].split()[0])
+    except (IndexError, ValueError):
+        return float("inf")
+
+
 @pytest.fixture(autouse=True)
 async def _fail_if_the_event_loop_blocks(caplog: pytest.LogCaptureFixture) -> Any:
     """Fail a test during which one callback held the event loop for over 0.5 s.
@@ -211,7 +220,24 @@ async def _fail_if_the_event_loop_blocks(caplog: pytest.LogCaptureFixture) -> An
     loop = asyncio.get_running_loop()
     loop.set_debug(True)
     loop.slow_callback_duration = 0.5
-    yield
+    # A full collection scans every object alive (the suite's imports and debug-mode
+    # bookkeeping included) and can take 0.3 to 0.7 s, charged to whichever callback it
+    # interrupts: the longest pause of the collector during the test is not held against it.
+    pauses: list[float] = []
+    began: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            began.append(time.perf_counter())
+        elif began:
+            pauses.append(time.perf_counter() - began.pop())
+
+    gc.callbacks.append(on_gc)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(on_gc)
+    allowance = 0.5 + max(pauses, default=0.0)
     slow = [
         r.getMessage()
         for r in caplog.get_records("call")
@@ -220,5 +246,6 @@ async def _fail_if_the_event_loop_blocks(caplog: pytest.LogCaptureFixture) -> An
         and not any(client in r.getMessage() for client in CLIENT_TASKS)
         and r.getMessage().startswith("Executing")
         and " took " in r.getMessage()
+        and _took(r.getMessage()) > allowance
     ]
     assert not slow, f"the event loop was blocked: {slow[:3]}"
