@@ -209,7 +209,7 @@ def _took(message: str) -> float:
 
 @pytest.fixture(autouse=True)
 async def _fail_if_the_event_loop_blocks(caplog: pytest.LogCaptureFixture) -> Any:
-    """Fail a test during which one callback held the event loop for over 0.5 s.
+    """Fail a test during which one callback held the event loop for over 1 s.
 
     asyncio's debug mode reports such callbacks; the hub must never do blocking work
     (Docker, SQLite, file scans) on the loop thread. The test's own coroutine is exempt:
@@ -219,7 +219,9 @@ async def _fail_if_the_event_loop_blocks(caplog: pytest.LogCaptureFixture) -> An
     """
     loop = asyncio.get_running_loop()
     loop.set_debug(True)
-    loop.slow_callback_duration = 0.5
+    # 1 s: a blocking Docker or disk call takes that long or longer; a busy 2-core machine
+    # stretches ordinary steps of the hub to 0.5-0.7 s now and then.
+    loop.slow_callback_duration = 1.0
     # A full collection scans every object alive (the suite's imports and debug-mode
     # bookkeeping included) and can take 0.3 to 0.7 s, charged to whichever callback it
     # interrupts: the longest pause of the collector during the test is not held against it.
@@ -237,7 +239,7 @@ async def _fail_if_the_event_loop_blocks(caplog: pytest.LogCaptureFixture) -> An
         yield
     finally:
         gc.callbacks.remove(on_gc)
-    allowance = 0.5 + max(pauses, default=0.0)
+    allowance = loop.slow_callback_duration + max(pauses, default=0.0)
     slow = [
         r.getMessage()
         for r in caplog.get_records("call")

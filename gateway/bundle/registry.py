@@ -25,10 +25,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import yaml
-
 from gateway.bundle.schemas import SchemaSet
 from gateway.errors import ConfigError, UnknownAgent, UnknownCapability
+from gateway.yamlfile import line_of, read_yaml
 
 REGISTRY_SCHEMA = "agents.schema.json"
 _ENV_VALUE = re.compile(r"^/agents/\d+/env/[^/]+")
@@ -168,26 +167,11 @@ def load_registry(path: Path, schemas: SchemaSet, display: str | None = None) ->
     """Parse and validate agents.yaml; raise ConfigError with file:line on any problem."""
     path = Path(path)
     name = display or path.name
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read: {e.strerror}", location=name) from e
-    text = raw.decode("utf-8", errors="replace")
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.load(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
-        raise ConfigError(f"invalid YAML: {e.problem or e.context}", location=where) from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"invalid YAML: {e}", location=name) from e
-    if data is None:
-        raise ConfigError("the file is empty", location=f"{name}:1")
+    raw, node, data = read_yaml(path, name)
     errors = schemas.errors(REGISTRY_SCHEMA, data)
     if errors:
         first = errors[0]
-        line = _line_of(node, first["pointer"])
+        line = line_of(node, first["pointer"])
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         message = first["message"]
         if _ENV_VALUE.match(first["pointer"]):
@@ -197,7 +181,7 @@ def load_registry(path: Path, schemas: SchemaSet, display: str | None = None) ->
 
     agents: dict[str, AgentSpec] = {}
     for index, entry in enumerate(data["agents"]):
-        line = _line_of(node, f"/agents/{index}")
+        line = line_of(node, f"/agents/{index}")
         where = f"{name}:{line}"
         if entry["name"] in agents:
             raise ConfigError(f"duplicate agent name {entry['name']!r}", location=where)
@@ -205,7 +189,7 @@ def load_registry(path: Path, schemas: SchemaSet, display: str | None = None) ->
             if key in entry and not schemas.has(entry[key]):
                 raise ConfigError(
                     f"{key} {entry[key]!r} is not a schema under {schemas.root.name}/",
-                    location=f"{name}:{_line_of(node, f'/agents/{index}/{key}')}",
+                    location=f"{name}:{line_of(node, f'/agents/{index}/{key}')}",
                 )
         agents[entry["name"]] = _spec(entry, line)
     return Registry(
@@ -250,26 +234,3 @@ def _spec(entry: dict[str, Any], line: int) -> AgentSpec:
         idle_s=float(entry.get("idle_s", 300.0)),
         mcp_path=entry.get("mcp_path", "/mcp"),
     )
-
-
-def _line_of(node: yaml.Node | None, pointer: str) -> int:
-    """1-based line of the deepest YAML node on ``pointer`` that exists."""
-    if node is None:
-        return 1
-    current = node
-    for raw in [p for p in pointer.split("/")[1:]]:
-        key = raw.replace("~1", "/").replace("~0", "~")
-        nxt: yaml.Node | None = None
-        if isinstance(current, yaml.MappingNode):
-            for k, v in current.value:
-                if getattr(k, "value", None) == key:
-                    nxt = v if not isinstance(v, yaml.ScalarNode) else k
-                    break
-        elif isinstance(current, yaml.SequenceNode) and key.isdigit():
-            idx = int(key)
-            if idx < len(current.value):
-                nxt = current.value[idx]
-        if nxt is None:
-            break
-        current = nxt
-    return current.start_mark.line + 1

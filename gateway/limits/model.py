@@ -21,9 +21,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
 
-import yaml
-
 from gateway.errors import ConfigError
+from gateway.yamlfile import line_of, read_yaml
 
 LIMITS_SCHEMA = "limits.schema.json"
 
@@ -190,22 +189,7 @@ def load_limits(path: Path, schemas: SchemaChecker, display: str | None = None) 
     """Parse and validate limits.yaml; raise ConfigError with file:line on any problem."""
     path = Path(path)
     name = display or path.name
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"cannot read: {e.strerror}", location=name) from e
-    text = raw.decode("utf-8", errors="replace")
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.load(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
-        raise ConfigError(f"invalid YAML: {e.problem or e.context}", location=where) from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"invalid YAML: {e}", location=name) from e
-    if data is None:
-        raise ConfigError("the file is empty", location=f"{name}:1")
+    raw, node, data = read_yaml(path, name)
     if not schemas.has(LIMITS_SCHEMA):
         raise ConfigError(f"missing schemas/{LIMITS_SCHEMA}", location=name)
     errors = schemas.errors(LIMITS_SCHEMA, data)
@@ -240,28 +224,3 @@ def _override(entry: dict[str, Any] | None) -> dict[str, Any]:
 
 def _table(entries: dict[str, Any] | None) -> Mapping[str, Override]:
     return MappingProxyType({k: MappingProxyType(_override(v)) for k, v in (entries or {}).items()})
-
-
-def line_of(node: yaml.Node | None, pointer: str) -> int:
-    """1-based line of the deepest YAML node on JSON ``pointer`` that exists."""
-    current = node
-    if current is None:
-        return 1
-    for raw in pointer.split("/")[1:]:
-        key = raw.replace("~1", "/").replace("~0", "~")
-        nxt: yaml.Node | None = None
-        if isinstance(current, yaml.MappingNode):
-            for k, v in current.value:
-                if getattr(k, "value", None) == key:
-                    nxt = v if not isinstance(v, yaml.ScalarNode) else k
-                    break
-        elif (
-            isinstance(current, yaml.SequenceNode)
-            and key.isdigit()
-            and int(key) < len(current.value)
-        ):
-            nxt = current.value[int(key)]
-        if nxt is None:
-            break
-        current = nxt
-    return current.start_mark.line + 1
