@@ -12,7 +12,13 @@ alternating rounds (NORMAL then FULL, three times; medians), and task creations 
 time, where no group commit shares the fsync. The databases are made under ``bench/``, on
 the checkout's disk: in a tmpfs /tmp an fsync would cost nothing. No Docker needed.
 
-Usage: python bench/bench_store.py [n_writes] [--durability]
+``--postgres`` (or ``--store postgresql://...``) instead measures the writes of 1. on
+SQLite (synchronous=FULL) and on PostgreSQL (synchronous_commit=on) in one run, alternating
+rounds (SQLite then PostgreSQL, three times; medians): on the URL given, else on a
+throwaway cluster of Debian's PostgreSQL made under ``bench/`` (gateway.store.pg_server).
+Both on the same disk, each durable before it answers. No Docker needed.
+
+Usage: python bench/bench_store.py [n_writes] [--durability | --postgres | --store URL]
 """
 
 from __future__ import annotations
@@ -33,9 +39,13 @@ from gateway.decisionlog.log import DecisionLog
 from gateway.hub import Hub
 from gateway.policy.engine import Decision
 from gateway.settings import REPO_ROOT, Settings
-from gateway.store import Store
+from gateway.store import Store, TaskStore, open_store
 
-ARGS = [a for a in sys.argv[1:] if not a.startswith("--")]
+STORE_URL = next(
+    (sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--store" and i > 0), None
+)
+ARGS = [a for a in sys.argv[1:] if not a.startswith("--") and a != STORE_URL]
+POSTGRES = "--postgres" in sys.argv[1:] or STORE_URL is not None
 N = int(ARGS[0]) if ARGS else 5000
 DURABILITY = "--durability" in sys.argv[1:]
 ROUNDS = 3
@@ -64,8 +74,12 @@ def row(task_id: str, deadline: float) -> dict[str, object]:
     }
 
 
-async def writes(tmp: Path, synchronous: str = "FULL", n: int = N) -> dict[str, float]:
-    store = Store(tmp / f"w-{synchronous}-{uuid.uuid4().hex[:6]}.db", synchronous=synchronous)
+async def writes(
+    tmp: Path, synchronous: str = "FULL", n: int = N, store: TaskStore | None = None
+) -> dict[str, float]:
+    if store is None:
+        path = tmp / f"w-{synchronous}-{uuid.uuid4().hex[:6]}.db"
+        store = Store(path, synchronous=synchronous)
     ids = [str(uuid.uuid4()) for _ in range(n)]
     deadline = time.time() + 3600
     create = await rate(n, lambda i: store.create_task(row(ids[i], deadline)), CONCURRENCY)
@@ -200,7 +214,63 @@ async def durability() -> dict[str, object]:
     return figures
 
 
+async def sqlite_vs_postgres() -> dict[str, object]:
+    """The writes of 1. on each backend, alternating rounds in one run; medians."""
+    from gateway.store.pg_server import PgServer
+
+    cluster = None if STORE_URL else await asyncio.to_thread(PgServer.start, HERE)
+    rounds: dict[str, list[dict[str, float]]] = {"sqlite": [], "postgresql": []}
+    try:
+        with tempfile.TemporaryDirectory(dir=HERE, prefix=".stores-") as tmp:
+            for i in range(ROUNDS):
+                rounds["sqlite"].append(await writes(Path(tmp)))
+                url = (
+                    STORE_URL if cluster is None else await asyncio.to_thread(cluster.new_database)
+                )
+                store = open_store(url)
+                if STORE_URL:  # a server of one's own: each round on empty tables
+                    await store.ping_write()  # connects, migrates
+                    await _empty(url)
+                rounds["postgresql"].append(await writes(Path(tmp), store=store))
+                print(f"round {i + 1}: {rounds['postgresql'][-1]}", file=sys.stderr)
+    finally:
+        if cluster is not None:
+            await asyncio.to_thread(cluster.stop)
+    figures: dict[str, object] = {}
+    for key in rounds["sqlite"][0]:
+        lite = statistics.median(r[key] for r in rounds["sqlite"])
+        pg = statistics.median(r[key] for r in rounds["postgresql"])
+        figures[key] = {
+            "SQLite": round(lite),
+            "PostgreSQL": round(pg),
+            "PG/SQLite": round(pg / lite, 3),
+        }
+    return figures
+
+
+async def _empty(url: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            "TRUNCATE tasks, task_events, idempotency, decisions, decision_checkpoints; "
+            "UPDATE decision_heads SET head_seq = 0, head_hash = repeat('0', 64)"
+        )
+    finally:
+        await conn.close()
+
+
 async def main() -> None:
+    if POSTGRES:
+        figures = await sqlite_vs_postgres()
+        where = "the server given" if STORE_URL else "a throwaway cluster, same disk"
+        report(
+            f"store writes, SQLite vs PostgreSQL ({N} writes, {CONCURRENCY} concurrent, "
+            f"{ROUNDS} rounds each; PostgreSQL on {where})",
+            figures,
+        )
+        return
     if DURABILITY:
         figures = await durability()
         report(

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,16 @@ def _state(p: argparse.ArgumentParser) -> None:
         type=Path,
         default=Path(os.environ.get("AGENT_GATEWAY_STATE_DIR", REPO_ROOT / ".state")),
         help="where the database and keys live",
+    )
+
+
+def _store(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--store",
+        default=os.environ.get("AGENT_GATEWAY_STORE") or None,
+        metavar="URL",
+        help="the state database: postgresql://... (hubs may share it) or a SQLite path "
+        "(default: <state-dir>/gateway.db)",
     )
 
 
@@ -133,8 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ttl-grace", type=int, default=60, help="container TTL past timeout")
     serve.add_argument("--max-attempts", type=int, default=3, help="dispatch retry budget")
     serve.add_argument("--alert-webhook", default=None, help="Alertmanager-compatible URL")
-    serve.add_argument("--network", default="agent-gateway-internal", help="hub-only network")
-    serve.add_argument("--egress-network", default="agent-gateway-egress")
+    serve.add_argument("--network", default=None, help="hub-only network (default per backend)")
+    serve.add_argument("--egress-network", default=None)
+    serve.add_argument(
+        "--backend",
+        choices=["docker", "swarm"],
+        default="docker",
+        help="where agents run: the local engine, or Swarm services on a manager (README)",
+    )
     serve.add_argument(
         "--trust-domain", default="agent-gateway.local", help="SPIFFE trust domain of agents"
     )
@@ -166,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="quotas and rate limits file (README: Quotas and rate limits)",
     )
     serve.add_argument(
+        "--lease",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on a PostgreSQL store: how long a hub's tasks stay its own without a heartbeat"
+        " before another hub takes them over (default 10)",
+    )
+    serve.add_argument(
         "--idempotency-ttl",
         type=float,
         default=24 * 3600.0,
@@ -195,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("mode", choices=["normal", "degraded", "auto"])
     _remote(mode)
     _state(serve)
+    _store(serve)
     _paths(serve)
 
     check = sub.add_parser("check", help="validate agents.yaml, schemas, policies and limits.yaml")
@@ -233,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tasks = sub.add_parser("tasks", help="list tasks in the state database")
     _state(tasks)
+    _store(tasks)
     tasks.add_argument("--state", default=None)
     tasks.add_argument("--limit", type=int, default=20)
 
@@ -246,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         d = dsub.add_parser(name, help=help_text)
         _state(d)
+        _store(d)
         if name == "show":
             d.add_argument("decision_id")
         if name in ("list", "export"):
@@ -279,6 +307,7 @@ def _prune_parser(dsub: Any) -> None:
         "prune", help="export the oldest decisions to a file, then replace them with a checkpoint"
     )
     _state(prune)
+    _store(prune)
     which = prune.add_mutually_exclusive_group(required=True)
     which.add_argument("--before", type=int, metavar="SEQ", help="the records before seq SEQ")
     which.add_argument(
@@ -305,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+NETWORKS = {
+    "docker": ("agent-gateway-internal", "agent-gateway-egress"),
+    "swarm": ("agent-gateway-swarm", "agent-gateway-swarm-egress"),
+}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway import logs
     from gateway.http.agent_app import start_listeners
@@ -327,8 +362,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         container_ttl_grace_s=args.ttl_grace,
         max_attempts=args.max_attempts,
         alert_webhook_url=args.alert_webhook,
-        network=args.network,
-        egress_network=args.egress_network,
+        # Swarm overlays get their own names: a bridge of the Docker backend's may exist.
+        network=args.network or NETWORKS[args.backend][0],
+        egress_network=args.egress_network or NETWORKS[args.backend][1],
+        backend=args.backend,
         trust_domain=args.trust_domain,
         trust_bundles=tuple(args.trust_bundle),
         reload_poll_s=args.reload_poll,
@@ -336,6 +373,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_api_reads=args.log_api_reads,
         limits_file=args.limits,
         idempotency_ttl_s=args.idempotency_ttl,
+        store=args.store,
+        lease_s=args.lease,
     )
     app = create_app(settings)
 
@@ -344,8 +383,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # app on the same hub serves only the agent routes (gateway.http.agent_app).
         listeners = await start_listeners(app, host=settings.host, port=settings.port)
         print(json.dumps({"msg": "listening", "urls": listeners.urls}), file=sys.stderr)
+        # SIGTERM (docker stop, systemd, Kubernetes) stops the hub as Ctrl-C does: runners
+        # detached, idle warm containers removed, the store closed. Without a handler the
+        # process would die on the spot and leave all of that to the next start.
+        stopping = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
         try:
-            await asyncio.Event().wait()
+            await stopping.wait()
         finally:
             await listeners.close()
 
@@ -449,10 +493,10 @@ def cmd_agents(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from gateway.store import Store, Task
+    from gateway.store import Task, open_store
 
     async def run() -> list[Task]:
-        store = Store(args.state_dir / "gateway.db")
+        store = open_store(args.store or args.state_dir / "gateway.db")
         try:
             tasks, _ = await store.list_tasks(state=args.state, limit=args.limit)
             return tasks
@@ -470,7 +514,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def cmd_decisions(args: argparse.Namespace) -> int:
     """Run a ``decisions`` subcommand against the state directory's database."""
     db_path = args.state_dir / "gateway.db"
-    if not db_path.exists():
+    store_at = getattr(args, "store", None) or db_path
+    if store_at == db_path and not db_path.exists():
         print(f"error: no database at {db_path}", file=sys.stderr)
         return 2
     if args.decisions_command == "replay":
@@ -480,10 +525,10 @@ def cmd_decisions(args: argparse.Namespace) -> int:
         return 2
 
     from gateway.decisionlog.log import DecisionLog
-    from gateway.store import Store
+    from gateway.store import open_store
 
     async def run() -> int:
-        store = Store(db_path)
+        store = open_store(store_at)
         log = DecisionLog(store, hub_id="cli")
         try:
             if args.decisions_command == "show":
@@ -498,7 +543,13 @@ def cmd_decisions(args: argparse.Namespace) -> int:
         finally:
             await store.close()
 
-    return asyncio.run(run())
+    from gateway.errors import StoreUnavailable
+
+    try:
+        return asyncio.run(run())
+    except StoreUnavailable as e:  # a PostgreSQL store that cannot be reached
+        print(f"error: {e.message}", file=sys.stderr)
+        return 1
 
 
 async def _decisions_show(log: DecisionLog, decision_id: str) -> int:

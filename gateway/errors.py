@@ -10,7 +10,7 @@ GatewayError (500 internal_error)
 ├── MethodNotAllowed 405
 ├── Conflict 409 ── IdempotencyConflict, InvalidState, AgentNotRunning
 ├── PayloadTooLarge 413, UnsupportedMediaType 415, InvalidConfig 422, TooManyRequests 429
-├── AgentUnavailable 502 ── AgentError, SecretUnavailable
+├── AgentUnavailable 502 ── AgentError, SecretUnavailable, GuardrailUnenforceable
 ├── StoreUnavailable 503, Degraded 503
 └── AgentTimeout 504
 ConfigError (a file a user edits is invalid) ── PolicyTestsFailed
@@ -187,6 +187,14 @@ class SecretUnavailable(AgentUnavailable):
     no such secret): the container is not started. The message names, never shows, it."""
 
     code = "secret_unavailable"
+
+
+class GuardrailUnenforceable(AgentUnavailable):
+    """The container backend cannot enforce a guardrail of the spec and the decision's
+    sandbox did not accept the backend's equivalent: nothing is started. ``details`` names
+    the guardrail, the backend and what the backend would do instead."""
+
+    code = "guardrail_unenforceable"
 
 
 class AgentError(AgentUnavailable):

@@ -9,9 +9,10 @@ close, and ``stop`` closes them in reverse (aiohttp's ``cleanup_ctx``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 from gateway import __version__
@@ -21,6 +22,7 @@ from gateway.agents.mcp_pool import McpServerPool
 from gateway.bundle.config import Config, load_config
 from gateway.bundle.reload import Reloader, config_revisions
 from gateway.clock import iso_utc
+from gateway.cluster import ClusterHooks, Membership
 from gateway.containers.backend import ContainerBackend
 from gateway.containers.guardrails import build_spec
 from gateway.containers.pools import PoolOptions, WarmPools
@@ -30,7 +32,7 @@ from gateway.errors import ConfigError, Degraded, StoreUnavailable
 from gateway.health.alerts import Alerts
 from gateway.health.modes import ENGINE, POLICY, STORE, Modes
 from gateway.health.monitor import Monitor
-from gateway.identity.apikeys import KeyStore
+from gateway.identity.apikeys import KeyStore, Subject
 from gateway.identity.service import AgentIdentities
 from gateway.limits import NO_LIMITS, Limiter
 from gateway.logs import get_logger
@@ -38,11 +40,11 @@ from gateway.metrics import Metrics
 from gateway.routers.access import ApiAuthorizer
 from gateway.routers.events import PROGRESS, STATE, TaskEvents
 from gateway.routers.messages import MessageRouter
-from gateway.routers.recovery import RecoveryReport, recover
+from gateway.routers.recovery import RecoveryReport, recover, take_over
 from gateway.routers.tasks import RouterOptions, TaskRouter
 from gateway.routers.tools import ToolRouter
 from gateway.settings import Settings
-from gateway.store import Store
+from gateway.store import TaskStore, open_store
 
 log = get_logger(__name__)
 # Expired Idempotency-Keys are pruned at most this often (s), or every half TTL if shorter.
@@ -71,6 +73,8 @@ class Hub:
             limits=lambda: self._config.limits if self._config is not None else NO_LIMITS,
             pending_of=lambda subject: self.router.quotas.pending_of(subject),
             observe=self.metrics.observe_rate_limited,
+            # In a cluster each hub enforces its share of every rate and quota.
+            share=lambda: self.cluster.live_hubs() if self.cluster is not None else 1,
         )
         self._last_key_prune = -float("inf")
         self.facts: dict[str, str] = {}  # what the engine told us (internal_gateway...)
@@ -81,7 +85,7 @@ class Hub:
         self._recorded_revisions: tuple[str, str] | None = None
         self._cleanup = contextlib.AsyncExitStack()
         # Made by start():
-        self.store: Store
+        self.store: TaskStore
         self.decisions: DecisionLog
         self.identities: AgentIdentities
         self.router: TaskRouter
@@ -91,6 +95,9 @@ class Hub:
         self.access: ApiAuthorizer
         self.monitor: Monitor
         self.reloader: Reloader
+        # On a PostgreSQL store: this hub's part in the cluster of hubs sharing it.
+        self.cluster: Membership | None = None
+        self._directory_jobs: set[asyncio.Task[None]] = set()
 
     @property
     def backend(self) -> ContainerBackend:
@@ -137,6 +144,7 @@ class Hub:
             await self._connect_engine()
             self._make_identities()
             self._make_routers()
+            await self._join_cluster()
             await self.recover()
             await self._start_monitors()
         except BaseException:
@@ -149,7 +157,7 @@ class Hub:
         await self._cleanup.aclose()
 
     async def _open_store(self) -> None:
-        self.store = Store(self.settings.db_path)
+        self.store = open_store(self.settings.store_target)
         self._cleanup.push_async_callback(self.store.close)
         self.alerts.sink = self.store.record_alert
         # Closed before the store: alerts still being delivered are written to it.
@@ -176,6 +184,18 @@ class Hub:
 
     async def _connect_engine(self) -> None:
         s = self.settings
+        if self._backend is None and s.containers.backend == "swarm":
+            from gateway.containers.swarm import SwarmBackend
+
+            c = s.containers
+            self._backend = SwarmBackend(
+                internal_network=c.internal_network,
+                egress_network=c.egress_network,
+                agent_port=s.port,
+                agent_address=s.agent_listen_host,
+                workers=c.docker_workers,
+                secrets_file=c.secrets_file,
+            )
         if self._backend is None:
             from gateway.containers.docker import DockerBackend
 
@@ -221,16 +241,14 @@ class Hub:
                 ttl_grace_s=s.containers.ttl_grace_s,
                 max_running=s.containers.max_running,
                 idempotency_ttl_s=s.idempotency_ttl_s,
+                backend=s.containers.backend,
+                shared_store=getattr(self.store, "cluster", None) is not None,
             ),
             can_dispatch=self.modes.blocker,
             instances=self.instances,
             subjects=self.keys.subject_of,
         )
-        self.router.quotas.running_limit = lambda subject: (
-            self._config.limits.for_subject(subject.id, subject.roles).running
-            if self._config is not None
-            else None
-        )
+        self.router.quotas.running_limit = self._running_limit
         self.router.state_observer = lambda task_id, state, final: self.events.publish(
             task_id, STATE, {"state": state}, final=final
         )
@@ -293,6 +311,92 @@ class Hub:
         self._cleanup.push_async_callback(self.messages.close)
         self._cleanup.push_async_callback(self._shutdown_router)
 
+    def _running_limit(self, subject: Subject) -> int | None:
+        if self._config is None:
+            return None
+        running = self._config.limits.for_subject(subject.id, subject.roles).running
+        return self.limiter.per_hub(running) if running is not None else None
+
+    async def _join_cluster(self) -> None:
+        """On a store several hubs share: lease the tasks this hub creates, beat, hold the
+        singletons, take over dead hubs' tasks, trust the peers' keys, share the instances."""
+        tables = getattr(self.store, "cluster", None)
+        if tables is None:
+            return  # SQLite: one hub
+        s = self.settings
+        self.store.lease = (self.hub_id, s.lease_s)  # type: ignore[attr-defined]
+        ids = self.identities
+        self.cluster = Membership(
+            tables,
+            self.hub_id,
+            f"http://{s.host}:{s.port}",
+            ClusterHooks(
+                info=lambda: {"mode": self.modes.mode, "revisions": self._revisions_or_none()},
+                take_over=self._take_over,
+                own_jwks=ids.issuer.jwks,
+                trust_keys=ids.trust_peer_keys,
+                remote_instances=self.instances.set_remote,
+                trust_domain=ids.trust_domain,
+                ready=lambda: self.recovered and not self.modes.holds(STORE, ENGINE),
+            ),
+            lease_s=s.lease_s,
+            beat_s=s.lease_s / 5,
+        )
+        ids.issuer.on_rotate(lambda: self._in_background(self.cluster.publish_keys()))  # type: ignore[union-attr]
+        self.instances.on_ready(
+            lambda i: self._in_background(
+                tables.open_instance(
+                    self.hub_id,
+                    {
+                        "instance_id": i.instance_id,
+                        "task_id": i.task_id,
+                        "agent": i.agent,
+                        "owner": i.subject.id,
+                        "url": i.handle.base_url if i.handle else None,
+                        "lineage": [e.to_json() for e in i.lineage],
+                    },
+                )
+            )
+        )
+        self.instances.on_close(lambda i: self._in_background(tables.close_instance(i.instance_id)))
+        await self.cluster.start()
+        self._cleanup.push_async_callback(self.cluster.stop)
+
+    def _in_background(self, job: Awaitable[Any]) -> None:
+        """A directory or key write that must not hold up the task that caused it; a
+        failure is logged (peers learn within a beat what they missed)."""
+
+        async def run() -> None:
+            try:
+                await job
+            except Exception as e:
+                log.warning("cluster write failed", extra={"error": str(e)})
+
+        task = asyncio.create_task(run())
+        self._directory_jobs.add(task)
+        task.add_done_callback(self._directory_jobs.discard)
+
+    async def _take_over(self, claims: list[tuple[str, str]]) -> None:
+        if self._config is None:
+            return
+        report = await take_over(
+            claims,
+            router=self.router,
+            backend=self.backend,
+            store=self.store,
+            registry=self._config.registry,
+            settings=self.settings.recovery,
+        )
+        self.alerts.raise_alert(
+            "hub_takeover",
+            f"took over {len(claims)} task(s) of hub(s) whose lease expired",
+            hubs=",".join(sorted({h for _, h in claims})),
+            **{k: str(v) for k, v in report.to_json().items()},
+        )
+
+    def _revisions_or_none(self) -> dict[str, str] | None:
+        return config_revisions(self._config) if self._config is not None else None
+
     async def _start_monitors(self) -> None:
         s = self.settings
         self.monitor = Monitor(
@@ -311,6 +415,8 @@ class Hub:
             hub_id=self.hub_id,
             settings=s.monitor,
             owned=lambda: {*self.tools.pool.container_ids(), *self.pools.owned()},
+            leads=self.cluster.leads if self.cluster is not None else (lambda name: True),
+            peers=self._peers,
         )
         self.reloader = Reloader(
             files=s.bundle,
@@ -325,6 +431,13 @@ class Hub:
         self._cleanup.push_async_callback(self.pools.stop)
         self.pools.start()
         await self.reloader.start()
+
+    def _peers(self) -> dict[str, bool]:
+        # The elected orphan scan judges every hub's containers against the shared store.
+        if self.cluster is None:
+            return {}
+        hubs = self.cluster.status()["hubs"]
+        return {h["id"]: h["alive"] for h in hubs if h["id"] != self.hub_id}
 
     async def _shutdown_router(self) -> None:
         # Runners detach and their containers stay for the next start; a runner that fails
@@ -416,6 +529,11 @@ class Hub:
             alerts=self.alerts,
             settings=self.settings.recovery,
             pools=self.pools,
+            owned=(
+                (lambda: tables.owned_active(self.hub_id))
+                if (tables := getattr(self.store, "cluster", None)) is not None
+                else None
+            ),
         )
         self.recovered = True
         return self.last_recovery
@@ -462,4 +580,5 @@ class Hub:
             "reload": self.reloader.to_json(),
             "alerts": self.alerts.to_json(),
             "pools": self.pools.to_json(),
+            "cluster": self.cluster.status() if self.cluster is not None else None,
         }

@@ -87,6 +87,8 @@ class ContainerSettings:
     ttl_grace_s: int
     max_running: int
     secrets_file: Path | None = None
+    # "docker" (the local engine) or "swarm" (a service per container on a Swarm manager).
+    backend: str = "docker"
 
     @property
     def networks(self) -> dict[str, str]:
@@ -123,6 +125,8 @@ class Settings:
     default_timeout_s: float = 60.0
     max_wait_s: float = 60.0
     docker_workers: int = 4
+    # The container backend: "docker" or "swarm" (gateway.containers.swarm).
+    backend: str = "docker"
     # Extra address the hub listens on for agents (the internal network's gateway); None
     # means "discover it from the Docker network".
     agent_listen_host: str | None = None
@@ -159,11 +163,20 @@ class Settings:
     limits_file: Path | None = None
     # How long an Idempotency-Key replays its task; older keys are pruned and reusable.
     idempotency_ttl_s: float = 24 * 3600.0
+    # Where the state is (gateway.store.open_store): None for <state-dir>/gateway.db (SQLite),
+    # a postgresql:// URL (several hubs may share it), or a SQLite path / sqlite:/// URL.
+    store: str | None = None
+    # On a PostgreSQL store the hubs form a cluster (gateway.cluster): each beats every
+    # lease/5 s, and another hub takes over its tasks once it missed a whole lease.
+    lease_s: float = 10.0
 
     def __post_init__(self) -> None:
         self._check_numbers()
         self._check_rules()
         self._check_paths()
+        schemes = ("postgresql://", "postgres://", "sqlite:///")
+        if self.store and "://" in self.store and not self.store.startswith(schemes):
+            raise SettingsError(f"store: {self.store!r} is neither postgresql:// nor sqlite:///")
 
     def _check_numbers(self) -> None:
         # (holds, message): each message names the setting, as the CLI flag does.
@@ -181,6 +194,7 @@ class Settings:
             (self.max_delegation_depth >= 0, "max_delegation_depth: must be 0 or more"),
             (0 <= self.reload_poll_s <= 3600, "reload_poll_s: must be within 0..3600 (0 = off)"),
             (self.idempotency_ttl_s > 0, "idempotency_ttl_s: must be positive"),
+            (0.5 <= self.lease_s <= 600, "lease_s: must be within 0.5..600"),
         )
         for holds, message in checks:
             if not holds:
@@ -210,6 +224,11 @@ class Settings:
     def db_path(self) -> Path:
         """The SQLite database file inside the state directory."""
         return Path(self.state_dir) / "gateway.db"
+
+    @property
+    def store_target(self) -> str | Path:
+        """What ``open_store`` opens: ``store`` if set, else ``db_path``."""
+        return self.store or self.db_path
 
     @property
     def effective_keys_file(self) -> Path:
@@ -280,6 +299,7 @@ class Settings:
             ttl_grace_s=self.container_ttl_grace_s,
             max_running=self.max_running_containers,
             secrets_file=self.effective_secrets_file,
+            backend=self.backend,
         )
 
 

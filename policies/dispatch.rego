@@ -61,7 +61,15 @@ limits := restricted_sandbox if {
 	"pids": min([requested.pids, cfg.ceiling.pids]),
 }
 
-sandbox := {
+# On Docker Swarm (input.backend "swarm") some guardrails exist only as an equivalent
+# (gateway.containers.swarm); the sandbox names those this platform accepts (data.json:
+# swarm.acceptable). An egress agent's host firewall is not among them: its tasks are
+# refused on Swarm, not run unfenced.
+sandbox := object.union(engine_sandbox, {"swarm_acceptable": cfg.swarm.acceptable}) if {
+	input.backend == "swarm"
+} else := engine_sandbox
+
+engine_sandbox := {
 	"network": network,
 	"memory_bytes": limits.memory_bytes,
 	"cpus": limits.cpus,

@@ -119,3 +119,16 @@ test_denied_decision_has_no_reuse if {
 	d.allow == false
 	not d.reuse
 }
+
+test_on_swarm_the_sandbox_accepts_the_listed_equivalents if {
+	d := dispatch.decision with input as {"subject": user, "task": task, "agent": echo_agent, "backend": "swarm"}
+	d.allow
+	d.sandbox.swarm_acceptable == ["no-new-privileges", "memory-swap", "icc"]
+	not "host-firewall" in d.sandbox.swarm_acceptable
+}
+
+test_on_the_local_engine_the_sandbox_accepts_no_equivalent if {
+	d := dispatch.decision with input as {"subject": user, "task": task, "agent": echo_agent, "backend": "docker"}
+	d.allow
+	not d.sandbox.swarm_acceptable
+}

@@ -84,6 +84,8 @@ _setup_packages() {
     command -v git >/dev/null 2>&1 || missing+=(git)
     # The auditor page's browser test drives a real headless Chromium.
     command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+    # The PostgreSQL store's tests and bench start throwaway clusters (gateway/store/pg_server.py).
+    compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
     if command -v dpkg-query >/dev/null 2>&1; then
         _pkg_installed ca-certificates || missing+=(ca-certificates)
     else
@@ -105,6 +107,11 @@ _setup_packages() {
     fi
 
     _log "installing ${missing[*]} (apt-get)"
+    if [[ " ${missing[*]} " == *" postgresql "* ]]; then
+        # Only the server's binaries: no system cluster is created, so none is started.
+        mkdir -p /etc/postgresql-common/createcluster.d
+        echo 'create_main_cluster = false' >/etc/postgresql-common/createcluster.d/agent-gateway.conf
+    fi
     local aptlog
     aptlog="$(mktemp "${TMPDIR:-/tmp}/agent-gateway-apt.XXXXXX")"
     if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$aptlog" 2>&1 9>&-; then

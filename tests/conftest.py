@@ -21,6 +21,7 @@ from gateway.containers.backend import ContainerHandle, ContainerSpec
 from gateway.errors import AgentUnavailable
 from gateway.identity.apikeys import KeyStore
 from gateway.settings import Settings
+from tests.pg import pg_cluster, pg_target, store_target  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parent.parent
 ROLES = {
@@ -47,6 +48,10 @@ def auth(key: str) -> dict[str, str]:
 def load_example(name: str) -> Any:
     """Import ``examples/agents/<name>/agent.py`` and return its ``agent``."""
     path = REPO / "examples" / "agents" / name / "agent.py"
+    if not path.exists():
+        # An MCP server example (examples/agents/counter) is no agent to run in-process:
+        # to the fake backends, an image the engine cannot start.
+        raise AgentUnavailable(f"examples/agents/{name} has no agent.py to run in-process")
     spec = importlib.util.spec_from_file_location(f"example_{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -83,8 +88,8 @@ class FakeBackend:
         if self.fail_start:
             raise AgentUnavailable("fake engine is down")
         await asyncio.sleep(self.start_delay_s)
-        self.started.append(spec)
         agent = load_example(spec.labels["io.agent-gateway.agent"])
+        self.started.append(spec)
         server = agent.serve_in_thread()
         cid = f"fake{next(self._ids)}"
         self.servers[cid] = server

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from gateway.containers.backend import ContainerHandle
 from gateway.identity.apikeys import Subject
@@ -87,10 +88,40 @@ class InstanceRegistry:
         self._by_task: dict[str, Instance] = {}
         self._turn = 0  # round-robin position for picking among instances of one agent
         self._on_close: list[Callable[[Instance], None]] = []
+        self._on_ready: list[Callable[[Instance], None]] = []
+        # In a cluster: the instances other hubs run (from the store's directory), for
+        # routing messages to them and accepting their tokens. Never closed from here.
+        self._remote: dict[str, Instance] = {}
 
     def on_close(self, callback: Callable[[Instance], None]) -> None:
         """Call ``callback(instance)`` when an instance closes (e.g. to drop connections)."""
         self._on_close.append(callback)
+
+    def on_ready(self, callback: Callable[[Instance], None]) -> None:
+        """Call ``callback(instance)`` once an instance answers (e.g. to list it for peers)."""
+        self._on_ready.append(callback)
+
+    def set_remote(self, entries: list[dict[str, Any]]) -> None:
+        """Replace the instances other hubs run: dicts with ``instance_id``, ``agent``,
+        ``task_id``, ``owner``, ``lineage`` and ``url`` (the agent's address, reached
+        directly)."""
+        remote: dict[str, Instance] = {}
+        for e in entries:
+            if e["instance_id"] in self._by_id or not e.get("url"):
+                continue  # taken over by this hub, or not answering yet
+            url = urlsplit(e["url"])
+            remote[e["instance_id"]] = Instance(
+                instance_id=e["instance_id"],
+                agent=e["agent"],
+                task_id=e.get("task_id") or "",
+                subject=Subject(e.get("owner") or "", (), ""),
+                spiffe_id="",
+                lineage=tuple(
+                    LineageEntry(x["task_id"], x["agent"]) for x in e.get("lineage") or ()
+                ),
+                handle=ContainerHandle("", "", url.hostname or "", url.port or 80),
+            )
+        self._remote = remote
 
     # -- lifecycle (driven by the task router)
 
@@ -130,6 +161,8 @@ class InstanceRegistry:
         """The container answers: messages may be routed to it from now on."""
         if instance.instance_id in self._by_id:
             instance.handle = handle
+            for callback in self._on_ready:
+                callback(instance)
 
     def close(self, instance: Instance) -> None:
         """Forget the instance and revoke its tokens (its container is about to go)."""
@@ -145,11 +178,17 @@ class InstanceRegistry:
     # -- queries
 
     def is_active(self, instance_id: str) -> bool:
-        """Whether tokens of ``instance_id`` may still be used."""
-        return instance_id in self._by_id
+        """Whether tokens of ``instance_id`` may still be used (here or on a peer hub)."""
+        return instance_id in self._by_id or instance_id in self._remote
 
     def get(self, instance_id: str | None) -> Instance | None:
-        return self._by_id.get(instance_id) if instance_id else None
+        if not instance_id:
+            return None
+        return self._by_id.get(instance_id) or self._remote.get(instance_id)
+
+    def is_remote(self, inst: Instance) -> bool:
+        """Whether another hub of the cluster runs ``inst``."""
+        return inst.instance_id in self._remote and inst.instance_id not in self._by_id
 
     def for_task(self, task_id: str) -> Instance | None:
         """The instance running ``task_id``, if any."""
@@ -159,7 +198,7 @@ class InstanceRegistry:
         """Ready instances (of ``agent`` if given), without the one called ``exclude``."""
         return [
             i
-            for i in self._by_id.values()
+            for i in [*self._by_id.values(), *self._remote.values()]
             if i.handle is not None
             and (agent is None or i.agent == agent)
             and i.instance_id != exclude

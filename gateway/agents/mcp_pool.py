@@ -11,6 +11,10 @@ a new one; ``per_call`` starts a server for one call and stops it after. A serve
 the entry's ``idle_s``, older than ``lifetime_s`` or whose connection broke (it exited, hung
 or wrote garbage) is stopped; the next call starts a fresh one. A server that cannot be
 started or is refused is not retried for ``retry_after_s``: every caller gets that error.
+
+A caller cancelled while its server is starting does not take the start down with it: the
+container being created would have no owner. The start runs to its end; a ``per_owner``
+server then waits for its next call (or its idle stop), a ``per_call`` one is stopped.
 """
 
 from __future__ import annotations
@@ -183,6 +187,7 @@ class McpServerPool:
         # agent fingerprint -> the tools its servers list (the same image lists the same).
         self._catalog: dict[str, dict[str, CheckedTool]] = {}
         self._reaper: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Future[None]] = set()
         self._closing = False
 
     # -- what the hub asks
@@ -208,7 +213,12 @@ class McpServerPool:
         """Run ``work`` on a server of ``agent`` for ``owner`` in ``sandbox`` (started if
         needed); a server whose connection broke meanwhile is stopped afterwards."""
         self._ensure_reaper()
-        server = await self._acquire(agent, owner, sandbox)
+        acquiring = asyncio.ensure_future(self._acquire(agent, owner, sandbox))
+        try:
+            server = await asyncio.shield(acquiring)
+        except asyncio.CancelledError:
+            acquiring.add_done_callback(self._abandoned)
+            raise
         server.busy += 1
         try:
             return await work(server)
@@ -217,6 +227,16 @@ class McpServerPool:
             server.last_used = time.monotonic()
             if server.isolation == "per_call" or server.broken is not None:
                 await self._retire(server, server.broken or "per_call: one call only")
+
+    def _abandoned(self, acquiring: asyncio.Future[McpServer]) -> None:
+        # The caller went away while its server started: keep no per_call server.
+        if acquiring.cancelled() or acquiring.exception() is not None:
+            return
+        server = acquiring.result()
+        if server.isolation == "per_call" or self._closing:
+            retire = asyncio.ensure_future(self._retire(server, "its caller went away"))
+            self._retiring.add(retire)
+            retire.add_done_callback(self._retiring.discard)
 
     async def discover(self, agent: AgentSpec, sandbox: dict[str, Any]) -> dict[str, CheckedTool]:
         """The checked tools of ``agent`` from a server started for that alone and stopped
@@ -240,6 +260,8 @@ class McpServerPool:
                 await self._reaper
         for server in [*self._servers.values(), *self._per_call]:
             await self._retire(server, "the hub is stopping")
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
 
     # -- lifecycle of servers
 

@@ -14,6 +14,7 @@ from gateway.bundle.revision import combined_revision, revision_of
 from gateway.bundle.schemas import SchemaSet
 from gateway.limits.model import NO_LIMITS, Limits, load_limits
 from gateway.policy.engine import API_QUERY, DISPATCH_QUERY, MESSAGES_QUERY, RegorusPolicy
+from gateway.policy.testing import policy_test_inputs
 
 TASK_SCHEMA = "task.schema.json"
 MESSAGE_SCHEMA = "messages/envelope.schema.json"
@@ -74,11 +75,14 @@ def load_config(
     limits_file: Path | None = None,
     policy_budget_ms: float = 50.0,
     revisions: Revisions | None = None,
+    fast_path_check: bool = True,
 ) -> Config:
     """Load and cross-check every file; raise ConfigError (file:line) on the first problem.
 
     ``revisions`` (from ``file_revisions``) saves running git here, on the caller's thread.
-    Without ``limits_file`` nothing is rate limited.
+    Without ``limits_file`` nothing is rate limited. ``fast_path_check=False`` leaves the
+    policy's compiled fast path off until its caller cross-checks it (the reload does, off
+    the loop).
     """
     schemas = SchemaSet.load(schemas_dir)
     for required in (TASK_SCHEMA, MESSAGE_SCHEMA, RESULT_SCHEMA):
@@ -103,7 +107,10 @@ def load_config(
         revision=revisions.policies,
         budget_ms=policy_budget_ms,
         required=(DISPATCH_QUERY, MESSAGES_QUERY, API_QUERY),
+        fast_path=True,
     )
+    if fast_path_check:
+        policy.cross_check(policy_test_inputs(Path(policies_dir)), source="policy tests")
     return Config(
         registry=registry,
         schemas=schemas,

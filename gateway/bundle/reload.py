@@ -5,9 +5,11 @@ A change is (1) compiled and validated (``load_config``: every schema against th
 metaschema, agents.yaml against its schema, every Rego module, the decision rules evaluated
 once), (2) checked against the inputs of the most recent logged decisions, where a rule
 conflict that only some inputs reach would show, and (3) the policy tests are run, as
-``agent-gateway policy test`` runs them in CI. Only then is the new ``Config`` swapped in;
-on any failure the last good one stays in force, an alert is raised and ``/v1/status``
-shows the error with its file:line.
+``agent-gateway policy test`` runs them in CI. The policy's compiled fast path
+(``gateway.policy.fast``) is cross-checked against the Engine on the inputs of (2) and of
+the tests; a difference turns it off for the revision (the reload still goes in). Only
+then is the new ``Config`` swapped in; on any failure the last good one stays in force, an
+alert is raised and ``/v1/status`` shows the error with its file:line.
 
 The swap is one assignment on the event-loop thread. A request reads ``hub.config`` once and
 keeps that snapshot (the task router keeps it for the task's whole life), so a reload never
@@ -38,6 +40,7 @@ from gateway.logs import get_logger
 from gateway.policy.engine import (
     API_QUERY,
     DISPATCH_QUERY,
+    HUB_QUERIES,
     MESSAGES_QUERY,
     TOOLS_QUERY,
     parse_engine_error,
@@ -123,12 +126,14 @@ def check_recent_inputs(config: Config, records: list[dict[str, Any]]) -> int:
     """
     engine = config.policy.engine
     checked = 0
+    cases: list[tuple[str, Any]] = []
     for record in records:
         query = QUERY_OF_KIND.get(str(record.get("kind")), MESSAGES_QUERY)
         policy_input = record.get("input")
         if not isinstance(policy_input, dict):
             continue
         checked += 1
+        cases.append((query, policy_input))
         try:
             engine.set_input(policy_input)
             engine.eval_rule(query)
@@ -139,6 +144,7 @@ def check_recent_inputs(config: Config, records: list[dict[str, Any]]) -> int:
                     f"{reason} (on the input of logged decision {record.get('decision_id')})",
                     location=location,
                 ) from e
+    config.policy.cross_check(cases, source="logged decisions")
     return checked
 
 
@@ -153,14 +159,16 @@ def _detached(e: ConfigError) -> ConfigError:
     return e.with_traceback(None)
 
 
-def _run_tests_here(policies_dir: Path) -> TestReport:
-    """``run_tests`` on the calling (worker) thread; a ConfigError leaves it without frames.
+def _run_tests_here(policies_dir: Path) -> tuple[TestReport, list[tuple[str, Any]]]:
+    """``run_tests`` on the calling (worker) thread, with the inputs the tests give the hub's
+    queries (for the fast path's cross-check); a ConfigError leaves it without frames.
 
     The runner's engines live and die on this thread; an exception carrying their frames to
     the loop thread would drop them there.
     """
     try:
-        return run_tests(policies_dir)
+        report = run_tests(policies_dir, capture=HUB_QUERIES)
+        return report, report.inputs
     except ConfigError as e:
         error = ConfigError(e.message, location=e.location)
     except OSError as e:
@@ -304,6 +312,15 @@ class Reloader:
                 "policy_tests_passed": tests.count("pass"),
                 "recent_inputs_checked": checked,
             }
+            fast = config.policy.fast_path_status()
+            if fast is not None and fast["disabled"] is not None:
+                self.alerts.raise_alert(
+                    "policy_fast_path_off",
+                    f"policy fast path off for {config.policy_revision}: the Rvm and the "
+                    f"Engine differ on {fast['disabled'].get('query')}",
+                )
+            else:
+                self.alerts.resolve("policy_fast_path_off")
             log.info(
                 "config reloaded",
                 extra={"trigger": trigger, "ms": ms, "revision": config.revision},
@@ -326,6 +343,7 @@ class Reloader:
             policies_dir=s.policies_dir,
             limits_file=s.limits_file,
             revisions=revisions,
+            fast_path_check=False,  # cross-checked below, its test inputs found off the loop
         )
         recent: list[dict[str, Any]] = []
         for kind in QUERY_OF_KIND:
@@ -337,8 +355,9 @@ class Reloader:
                 break
             recent.extend(page)
         checked = check_recent_inputs(config, recent)
-        tests = await asyncio.to_thread(_run_tests_here, Path(s.policies_dir))
+        tests, test_inputs = await asyncio.to_thread(_run_tests_here, Path(s.policies_dir))
         check_tests(tests)
+        config.policy.cross_check(test_inputs, source="policy tests")
         return config, tests, checked
 
     def _refuse(self, e: ConfigError, trigger: str) -> None:
@@ -361,8 +380,10 @@ class Reloader:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """What /v1/status shows about reloading."""
+        """What /v1/status shows about reloading, and the policy fast path in force."""
+        in_force = self._current()
         return {
+            "policy_fast_path": in_force.policy.fast_path_status() if in_force else None,
             "poll_s": self.poll_s,
             "watching": self._task is not None and not self._task.done(),
             "reloads": self.reloads,

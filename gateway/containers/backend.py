@@ -1,7 +1,7 @@
 """The container backend interface: what the routers need from a container engine.
 
-Docker is the one implementation today (``gateway.containers.docker``); a cluster backend
-can come later behind the same interface. Tests of the routers use a fake.
+Two implementations: the local Docker engine (``gateway.containers.docker``) and Docker
+Swarm services (``gateway.containers.swarm``). Tests of the routers use a fake.
 """
 
 from __future__ import annotations
@@ -54,6 +54,9 @@ class ContainerSpec:
     security_opt: tuple[str, ...] = ("no-new-privileges:true",)
     # stdin kept open (``docker run -i``): how the hub speaks to a stdio MCP server.
     stdin: bool = False
+    # Guardrails a backend may replace by its documented equivalent (the sandbox's
+    # ``swarm_acceptable``, ``guardrails.SWARM_EQUIVALENTS``); the Docker backend needs none.
+    accepted_equivalents: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

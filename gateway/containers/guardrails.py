@@ -5,6 +5,11 @@ unknown network or grants mounts is refused (fail closed) rather than filled in 
 something more permissive. The hardening that is not negotiable (all capabilities dropped,
 no-new-privileges, read-only root with a tmpfs /tmp, non-root user, hub-only network,
 labels, TTL) is applied here to every container.
+
+A backend that cannot enforce one of these (Docker Swarm services take no
+``no-new-privileges``, ``gateway.containers.swarm``) refuses to start the container unless
+the sandbox lists the guardrail in ``swarm_acceptable``: the decision accepts that backend's
+equivalent, described in ``SWARM_EQUIVALENTS``. Absent, nothing is accepted.
 """
 
 from __future__ import annotations
@@ -26,7 +31,36 @@ from gateway.errors import GuardrailViolation
 
 MIN_MEMORY = 16 * 1024 * 1024
 MAX_MEMORY = 8 * 1024**3
-SANDBOX_KEYS = {"network", "memory_bytes", "cpus", "pids", "read_only_root", "mounts"}
+SANDBOX_KEYS = {
+    "network",
+    "memory_bytes",
+    "cpus",
+    "pids",
+    "read_only_root",
+    "mounts",
+    "swarm_acceptable",
+}
+# The guardrails a Swarm service cannot carry and what the Swarm backend does instead; a
+# sandbox's ``swarm_acceptable`` names those whose equivalent the decision accepts.
+SWARM_EQUIVALENTS = {
+    "no-new-privileges": (
+        "services take no security options (engine API 1.41): the process keeps an empty "
+        "capability bounding set (all dropped) and a non-root uid, so a setuid binary in the "
+        "image changes its uid but gains no capability"
+    ),
+    "icc": (
+        "an overlay network has no inter-container switch: agents on it can connect to each "
+        "other's ports (the host and the outside stay unreachable on an internal overlay)"
+    ),
+    "memory-swap": (
+        "the engine sets a service's memory+swap limit to twice its memory limit, not equal "
+        "to it: on a node with swap the container may swap up to its memory limit"
+    ),
+    "host-firewall": (
+        "an egress overlay reaches its node through docker_gwbridge, shared by every service "
+        "on the node, so the hub cannot fence the node's own services off from it"
+    ),
+}
 
 
 def _number(sandbox: dict[str, Any], key: str, low: float, high: float) -> float:
@@ -72,6 +106,11 @@ def build_spec(
     memory = int(_number(sandbox, "memory_bytes", MIN_MEMORY, MAX_MEMORY))
     cpus = _number(sandbox, "cpus", 0.01, 64)
     pids = int(_number(sandbox, "pids", 8, 4096))
+    accepted = sandbox.get("swarm_acceptable", [])
+    if not isinstance(accepted, list) or not set(accepted) <= set(SWARM_EQUIVALENTS):
+        raise GuardrailViolation(
+            f"sandbox.swarm_acceptable must be a list of {sorted(SWARM_EQUIVALENTS)}"
+        )
 
     ttl = int(timeout_s) + ttl_grace_s
     env = {
@@ -104,4 +143,5 @@ def build_spec(
         nano_cpus=int(cpus * 1e9),
         pids_limit=pids,
         ttl_s=ttl,
+        accepted_equivalents=frozenset(accepted),
     )

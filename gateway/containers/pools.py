@@ -22,6 +22,14 @@ registry *and* ``reuse`` in the dispatch decision, a container that ran a task s
 goes back to the pool bound to that task's owner, and only that owner's tasks take it again
 (up to ``max_tasks``, removed after ``idle_s`` unused).
 
+A container may die or stop answering while it waits (killed, out of memory, the engine
+restarted under it): ``acquire`` probes ``/health`` of the container it picked before handing
+it out, and on no answer removes it and takes the next one (or starts the task cold), so no
+task is given a dead container; ``tick`` re-probes every idle container each ``check_s`` so
+the pool replaces the dead ones before a task asks. A removal the engine refused (it is down)
+is retried once the hub may refill again, the container still counted as the pool's (not an
+orphan) meanwhile.
+
 Refill runs in the background (``tick``): at most ``starts_per_tick`` starts per agent per
 round, none while the hub is degraded, and after a failed warm-up (engine error, image not
 answering ``/health``) the agent backs off exponentially (1 s doubling to 60 s) with a
@@ -58,6 +66,8 @@ from gateway.logs import get_logger
 log = get_logger(__name__)
 # A warm container must outlive the task it gets by this much (s) beyond its timeout.
 TTL_MARGIN_S = 5.0
+# A live container answers /health at once; a few refused probes this long apart mean dead.
+CHECK_RETRY_S = 0.05
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 60.0
 ALERT = "pool_warmup_failed"
@@ -95,6 +105,9 @@ class PoolOptions:
     ready_timeout_s: float = 20.0
     starts_per_tick: int = 2
     interval_s: float = 0.5
+    # How often an idle container's /health is probed again, and how long a probe may take.
+    check_s: float = 2.0
+    check_timeout_s: float = 0.5
 
 
 @dataclass
@@ -113,6 +126,8 @@ class Warm:
     owner: str | None = None
     tasks: int = 0
     idle_since: float = field(default_factory=time.monotonic)
+    checked: float = field(default_factory=time.monotonic)  # last /health that answered
+    checking: bool = False
 
 
 def fingerprint(agent: AgentSpec) -> str:
@@ -161,6 +176,8 @@ class WarmPools:
         self._resolve = resolve
         self._metrics = metrics
         self._warm: dict[str, Warm] = {}  # container id -> entry (idle and assigned)
+        self._doomed: set[str] = set()  # dropped, but the engine refused the removal
+        self._doomed_at = 0.0  # when their removal was last retried
         self._warming: dict[str, int] = {}  # agent -> starts in flight
         self._failures: dict[str, int] = {}
         self._retry_at: dict[str, float] = {}
@@ -188,10 +205,13 @@ class WarmPools:
         """
         if not agent.pool and not agent.reuse:
             return None
-        picked = self._pick(agent, sandbox, owner=owner, reuse=reuse, timeout_s=timeout_s)
-        if picked is None:
-            self._count(agent.name, hit=False)
-            return None
+        while True:
+            picked = self._pick(agent, sandbox, owner=owner, reuse=reuse, timeout_s=timeout_s)
+            if picked is None:
+                self._count(agent.name, hit=False)
+                return None
+            if await self._alive(picked):
+                break
         try:
             await self._fit(picked, sandbox)
         except BaseException as e:
@@ -241,6 +261,47 @@ class WarmPools:
             best.state = "assigned"
         return best
 
+    async def _alive(self, w: Warm) -> bool:
+        """Probe a picked (assigned) container; a dead one is removed, never handed out."""
+        try:
+            healthy = await self._healthy(w)
+        except BaseException:
+            await asyncio.shield(self._drop(w))  # cancelled mid-probe: it served nobody
+            raise
+        if not healthy:
+            log.warning(
+                "warm container did not answer at assignment; removed",
+                extra={"agent": w.agent, "container": w.handle.name},
+            )
+            await asyncio.shield(self._drop(w))
+        return healthy
+
+    async def _healthy(self, w: Warm) -> bool:
+        """A ``/health`` probe: refused or not 200 for ``CHECK_RETRY_S``, or no answer in
+        ``check_timeout_s`` (a container gone from the network), is dead."""
+        try:
+            async with asyncio.timeout(self.options.check_timeout_s):
+                await self._wait_ready(w.handle, CHECK_RETRY_S)
+        except (GatewayError, TimeoutError):
+            return False
+        w.checked = time.monotonic()
+        return True
+
+    async def _recheck(self, w: Warm) -> None:
+        """The periodic probe of an idle container: a dead one is replaced by the refill."""
+        w.checking = True
+        try:
+            healthy = await self._healthy(w)
+        finally:
+            w.checking = False
+        # Taken meanwhile: the assignment probes it itself.
+        if not healthy and w.state == "idle" and self._warm.get(w.handle.id) is w:
+            log.warning(
+                "idle warm container stopped answering; replaced",
+                extra={"agent": w.agent, "container": w.handle.name},
+            )
+            await self._drop(w)
+
     async def _fit(self, w: Warm, sandbox: Mapping[str, Any]) -> None:
         want = _limits(sandbox)
         assert want is not None
@@ -279,8 +340,9 @@ class WarmPools:
             self._gauge(w.agent)
 
     def owned(self) -> set[str]:
-        """Ids of the containers the pools hold (idle or assigned): not orphans."""
-        return set(self._warm)
+        """Ids of the containers the pools hold (idle, assigned, or still to be removed):
+        not orphans."""
+        return set(self._warm) | self._doomed
 
     # -- the background side
 
@@ -301,7 +363,12 @@ class WarmPools:
             await asyncio.gather(*list(self._jobs), return_exceptions=True)
         if remove_idle:
             idle = [w for w in self._warm.values() if w.state == "idle"]
-            await asyncio.gather(*(self._drop(w) for w in idle), return_exceptions=True)
+            doomed, self._doomed = list(self._doomed), set()
+            await asyncio.gather(
+                *(self._drop(w) for w in idle),
+                *(self._remove(cid, agent=None) for cid in doomed),
+                return_exceptions=True,
+            )
 
     async def _run(self) -> None:
         while True:
@@ -312,24 +379,16 @@ class WarmPools:
             await asyncio.sleep(self.options.interval_s)
 
     async def tick(self) -> None:
-        """One round: drain stale entries, retire idle ones, start what is missing."""
+        """One round: drain stale entries, re-probe idle ones, start what is missing."""
         agents = self._agents()
-        now_m, now = time.monotonic(), time.time()
-        for w in list(self._warm.values()):
-            if w.state != "idle":
-                continue
-            agent = agents.get(w.agent)
-            spec = PoolSpec.of(agent) if agent is not None else None
-            stale = (
-                agent is None
-                or w.fingerprint != fingerprint(agent)
-                or now_m - w.idle_since > spec.idle_s  # type: ignore[union-attr]
-                or w.expires - now < agent.timeout_s + TTL_MARGIN_S
-            )
-            if stale:
-                self._spawn(self._drop(w))
+        self._sweep(agents)
         if not self._can_refill():
             return
+        if self._doomed and time.monotonic() - self._doomed_at >= self.options.check_s:
+            self._doomed_at = time.monotonic()
+            for cid in list(self._doomed):
+                self._doomed.discard(cid)
+                self._spawn(self._remove(cid, agent=None))
         for agent in agents.values():
             spec = PoolSpec.of(agent)
             if spec.min <= 0 or agent.protocol != "gateway":
@@ -355,6 +414,25 @@ class WarmPools:
             for _ in range(max(0, need)):
                 self._warming[agent.name] = self._warming.get(agent.name, 0) + 1
                 self._spawn(self._warm_one(agent, spec))
+
+    def _sweep(self, agents: Mapping[str, AgentSpec]) -> None:
+        """Drop idle entries that are stale, and re-probe those not checked for ``check_s``."""
+        now_m, now = time.monotonic(), time.time()
+        for w in list(self._warm.values()):
+            if w.state != "idle":
+                continue
+            agent = agents.get(w.agent)
+            spec = PoolSpec.of(agent) if agent is not None else None
+            stale = (
+                agent is None
+                or w.fingerprint != fingerprint(agent)
+                or now_m - w.idle_since > spec.idle_s  # type: ignore[union-attr]
+                or w.expires - now < agent.timeout_s + TTL_MARGIN_S
+            )
+            if stale:
+                self._spawn(self._drop(w))
+            elif not w.checking and now_m - w.checked >= self.options.check_s:
+                self._spawn(self._recheck(w))
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         job = asyncio.ensure_future(coro)
@@ -434,10 +512,18 @@ class WarmPools:
     async def _drop(self, w: Warm) -> None:
         self._warm.pop(w.handle.id, None)
         self._gauge(w.agent)
+        await self._remove(w.handle.id, agent=w.agent)
+
+    async def _remove(self, cid: str, *, agent: str | None) -> None:
         try:
-            await self.backend.remove(w.handle.id)
+            await self.backend.remove(cid)
         except GatewayError as e:
-            log.warning("could not remove warm container", extra={"error": e.message})
+            # The engine is down or busy: retried by a later round, not left to the orphan scan.
+            self._doomed.add(cid)
+            log.warning(
+                "could not remove warm container; will retry",
+                extra={"agent": agent, "container": cid[:12], "error": e.message},
+            )
 
     # -- visibility
 

@@ -39,7 +39,7 @@ from gateway.ids import uuid4_str
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.policy.engine import Decision
-from gateway.store import Store
+from gateway.store import SealedDecision, Store
 
 log = get_logger(__name__)
 
@@ -84,6 +84,42 @@ class DecisionLog:
         writer's next group commit (in order, in the same chain): for records whose caller
         need not wait, such as allowed reads. A failed write is logged, never lost silently.
         """
+        sealed = self.prepare(
+            kind=kind,
+            path=path,
+            input=input,
+            decision=decision,
+            revision=revision,
+            subject=subject,
+            agent=agent,
+            task_id=task_id,
+            secret_pointers=secret_pointers,
+        )
+        if not durable:
+            pending = asyncio.ensure_future(
+                self.store.append_decision(sealed.seal, genesis=sealed.genesis)
+            )
+            self._pending.add(pending)
+            pending.add_done_callback(self._written)
+            return sealed.decision_id
+        row = await self.store.append_decision(sealed.seal, genesis=sealed.genesis)
+        return str(row["decision_id"])
+
+    def prepare(
+        self,
+        *,
+        kind: str,
+        path: str,
+        input: dict[str, Any],
+        decision: Decision,
+        revision: str,
+        subject: str | None,
+        agent: str | None,
+        task_id: str | None,
+        secret_pointers: list[str] | None = None,
+    ) -> SealedDecision:
+        """Mask one decision and make its record, for a write that appends it with more
+        (the task it allowed): the caller's write is what makes it durable."""
         rules = [*self.masking, *((p, "mask") for p in secret_pointers or [])]
         if rules:
             masked_input, erased, masked = Masker(rules).apply(input)
@@ -114,13 +150,7 @@ class DecisionLog:
 
         if self.metrics is not None:
             self.metrics.decisions.labels(kind, "allow" if decision.allow else "deny").inc()
-        if not durable:
-            pending = asyncio.ensure_future(self.store.append_decision(seal, genesis=GENESIS_HASH))
-            self._pending.add(pending)
-            pending.add_done_callback(self._written)
-            return str(fields["decision_id"])
-        row = await self.store.append_decision(seal, genesis=GENESIS_HASH)
-        return str(row["decision_id"])
+        return SealedDecision(str(fields["decision_id"]), seal, GENESIS_HASH)
 
     def _written(self, pending: asyncio.Future[Any]) -> None:
         self._pending.discard(pending)

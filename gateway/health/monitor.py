@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 
 from gateway.clock import iso_utc
-from gateway.containers.backend import LABEL_TASK, ContainerBackend
+from gateway.containers.backend import LABEL_HUB, LABEL_POOL, LABEL_TASK, ContainerBackend
 from gateway.errors import GatewayError
 from gateway.health.alerts import Alerts
 from gateway.health.modes import ENGINE, STORE, Modes
@@ -42,6 +42,8 @@ class Monitor:
         hub_id: str,
         settings: MonitorSettings,
         owned: Callable[[], Collection[str]] = frozenset,
+        leads: Callable[[str], bool] = lambda name: True,
+        peers: Callable[[], Mapping[str, bool]] = dict,
     ) -> None:
         # ``probes`` run in order every round and drive ``modes``; ``recover`` follows them
         # (it runs restart recovery once, when the probes let it).
@@ -55,6 +57,10 @@ class Monitor:
         self.settings = settings
         # Containers no task owns that are not orphans (MCP servers, warm pools).
         self._owned = owned
+        # In a cluster one elected hub runs the watchdog and the orphan scan, which then
+        # sweeps the containers of every hub of the cluster (the store is shared).
+        self._leads = leads
+        self._peers = peers  # the other hubs of the cluster: id -> alive
         self._last_orphan_scan = 0.0
         self._task: asyncio.Task[None] | None = None
 
@@ -84,10 +90,11 @@ class Monitor:
         for probe in self._probes:
             await probe()
         await self._recover()
-        if not self.modes.holds(STORE):
+        if not self.modes.holds(STORE) and self._leads("watchdog"):
             await self.watchdog()
         now = time.monotonic()
-        if now - self._last_orphan_scan >= self.settings.orphan_scan_interval_s:
+        due = now - self._last_orphan_scan >= self.settings.orphan_scan_interval_s
+        if due and self._leads("orphan_scan"):
             self._last_orphan_scan = now
             await self.orphan_scan()
 
@@ -108,17 +115,23 @@ class Monitor:
             self.alerts.resolve("throughput_stalled")
 
     async def orphan_scan(self) -> list[str]:
-        """Remove containers labelled by this hub whose task is not active; return names."""
+        """Remove containers labelled by this hub (or by another hub of its cluster) whose
+        task is not active; return their names."""
         if self.modes.holds(ENGINE):
             return []
         try:
             containers = await self.backend.list_managed(self.hub_id)
+            peers = self._peers()
+            for hub in peers:
+                containers += await self.backend.list_managed(hub)
         except GatewayError:
             return []
         if not containers:
             return []
-        active = await self.store.active_task_ids()
-        owned = self._owned()
+        tasks = await self.store.active_tasks()
+        active = {t.id for t in tasks}
+        # A warm container carries no task label: an active task recorded its id.
+        owned = {*self._owned(), *(t.container_id for t in tasks if t.container_id)}
         grace = self.settings.orphan_grace_s
         removed = []
         for c in containers:
@@ -127,11 +140,17 @@ class Monitor:
             # A container whose task just ended is being removed by its runner.
             if time.time() - float(c.get("created") or 0) < grace:
                 continue
-            self.alerts.raise_alert(
-                "orphan_container",
-                f"removed container {c['name']} that no active task owns",
-                container=c["name"],
-            )
+            hub = str(c["labels"].get(LABEL_HUB))
+            peer_pool = LABEL_POOL in c["labels"] and hub != self.hub_id
+            if peer_pool and peers.get(hub):
+                continue  # a live peer's warm container: that hub holds it
+            # A dead peer's idle warm container goes quietly; anything else is an orphan.
+            if not peer_pool:
+                self.alerts.raise_alert(
+                    "orphan_container",
+                    f"removed container {c['name']} that no active task owns",
+                    container=c["name"],
+                )
             with contextlib.suppress(GatewayError):
                 await self.backend.remove(c["id"])
             removed.append(c["name"])

@@ -1,9 +1,16 @@
-"""The OpenAPI description of the agent-facing routes (merged by ``gateway.http.openapi``)."""
+"""The OpenAPI description of the agent-facing routes (merged by ``gateway.http.openapi``).
+
+Every route the agent listener serves is described here except those it shares with the
+main one and that are described there: ``GET /v1/tasks/{task_id}``, ``GET /healthz`` and the
+A2A door. ``/mcp`` is listed here with the MCP door's own operations (the same objects), so
+the merge gives one description of it whichever part comes first.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from gateway.http.mcp.openapi import mcp_operations
 from gateway.http.openapi_parts import (
     BODY_SCHEMAS,
     SVID,
@@ -95,8 +102,11 @@ AGENT_SCHEMAS = _schemas()
 
 
 def agent_paths(max_wait_s: float) -> dict[str, Any]:
-    """Paths for messages, reported results and identity."""
+    """Paths for messages, reported results, identity and agents' MCP tool calls."""
+    mcp = mcp_operations()
     return {
+        # Agents' MCP tool calls (gateway.http.mcp): the messages policy decides them.
+        "/mcp": {"post": mcp["post"], "delete": mcp["delete"]},
         "/v1/messages": {
             "post": operation(
                 "Send a message to other agents through the hub (agent SVID)",

@@ -39,6 +39,8 @@ class AgentIdentities:
         self.verifier = verifier
         self.ttl_s = ttl_s
         self._recovering = recovering
+        self._peer_keys: list[dict[str, Any]] = []
+        self._tracking = False
 
     @classmethod
     def create(
@@ -120,6 +122,27 @@ class AgentIdentities:
         log.info("svid signing key rotated", extra={"kid": kid, "previous_kid": previous})
         return {"kid": kid, "previous_kid": previous, "published": published}
 
+    def trust_peer_keys(self, keys: list[dict[str, Any]]) -> None:
+        """Trust, beside this hub's own keys, the keys other hubs of its cluster sign this
+        trust domain's tokens with (a token any hub issued verifies on all)."""
+        own = self.issuer.jwks()["keys"]
+        known = {k["kid"] for k in own}
+        peers = [k for k in keys if k.get("kid") not in known]
+        if peers == self._peer_keys:
+            return  # unchanged: keep the verifier's cache of checked tokens
+        self._peer_keys = peers
+        self._trust_all()
+        if not self._tracking:
+            # A rotation re-publishes the own keys: keep the peers' beside them.
+            self.issuer.on_rotate(self._trust_all)
+            self._tracking = True
+
+    def _trust_all(self) -> None:
+        own = self.issuer.jwks()["keys"]
+        self.verifier.add_bundle(self.trust_domain, {"keys": [*own, *self._peer_keys]})
+
     def bundle(self) -> dict[str, Any]:
-        """This hub's JWT bundle as a SPIFFE JWKS document."""
-        return {**self.issuer.jwks(), "spiffe_refresh_hint": self.ttl_s // 2}
+        """The trust domain's JWT bundle as a SPIFFE JWKS document: this hub's keys and,
+        in a cluster, every other hub's (the bundle each hub verifies against)."""
+        keys = [*self.issuer.jwks()["keys"], *self._peer_keys]
+        return {"keys": keys, "spiffe_refresh_hint": self.ttl_s // 2}

@@ -84,7 +84,11 @@ class Limiter:
         observe: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         log_every_s: float = LOG_EVERY_S,
+        share: Callable[[], int] = lambda: 1,
     ) -> None:
+        # ``share()``: how many hubs split each rate (a cluster's live hubs): every hub
+        # enforces 1/n of it, so together they allow the rate written in limits.yaml.
+        self._share = share
         self._limits = limits
         self._pending_of = pending_of
         self._observe = observe
@@ -127,16 +131,24 @@ class Limiter:
         if own.pending is None or subject is None:
             return _NOTHING  # an anonymous caller owns no tasks (the policy refuses it)
         held = self._pending_of(subject.id) + self._reserved.get(subject.id, 0)
-        if held >= own.pending:
+        quota = self.per_hub(own.pending)
+        if held >= quota:
             raise self._refuse(
                 "pending",
-                f"{held} tasks are waiting already; the quota is {own.pending}",
+                f"{held} tasks are waiting already; the quota is {quota}",
                 QUOTA_RETRY_AFTER_S,
-                policy=f'"pending";q={own.pending}',
-                details={"quota": own.pending, "pending": held},
+                policy=f'"pending";q={quota}',
+                details={"quota": quota, "pending": held},
             )
         self._reserved[subject.id] = self._reserved.get(subject.id, 0) + 1
         return Reservation(self._reserved, subject.id)
+
+    def per_hub(self, quota: int) -> int:
+        """This hub's share of a quota split among the cluster's live hubs (at least 1 of a
+        quota that allows any; a quota of 0 stays 0)."""
+        if quota <= 0:
+            return quota
+        return max(1, math.ceil(quota / max(1, self._share())))
 
     def message(self, instance_key: str, agent: str | None) -> None:
         """``POST /v1/messages``: the sending instance's ``messages`` bucket."""
@@ -171,6 +183,9 @@ class Limiter:
     # -- refusals
 
     def _take(self, limit: str, key: str, rate: Rate) -> None:
+        hubs = self._share()
+        if hubs > 1:
+            rate = Rate(rate.rate / hubs, max(1, math.ceil(rate.burst / hubs)))
         taken = self.buckets.take(limit, key, rate)
         if taken.ok:
             return

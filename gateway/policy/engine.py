@@ -5,6 +5,10 @@ OPA-compatible backend can be added later. Evaluation fails closed: an error, an
 ``decision``, a non-boolean ``allow`` or an evaluation over its time budget is a deny whose
 reason says why.
 
+With ``fast_path`` the hub's queries are answered by a compiled ``Rvm`` where it may
+(``gateway.policy.fast``): allows only, once the revision passed ``cross_check``; the
+``Engine`` answers everything else, as before.
+
 regorus objects are bound to the thread that made them and never release the GIL, so the
 engine is built and evaluated on the event-loop thread (DESIGN §4).
 """
@@ -28,11 +32,17 @@ os.environ["RUST_LIB_BACKTRACE"] = "0"
 import regorus
 
 from gateway.errors import ConfigError
+from gateway.logs import get_logger
+from gateway.policy.fast import FastPath
+
+log = get_logger(__name__)
 
 DISPATCH_QUERY = "data.gateway.dispatch.decision"
 MESSAGES_QUERY = "data.gateway.messages.decision"
 API_QUERY = "data.gateway.api.decision"
 TOOLS_QUERY = "data.gateway.tools.decision"
+# The queries the hub asks, which get a compiled fast path.
+HUB_QUERIES = (DISPATCH_QUERY, MESSAGES_QUERY, API_QUERY, TOOLS_QUERY)
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,8 @@ class RegorusPolicy:
     modules: tuple[str, ...]
     budget_ms: float = 50.0
     data: dict[str, Any] = field(default_factory=dict)
+    # The compiled fast path (None: the Engine answers everything).
+    fast: FastPath | None = None
 
     def __post_init__(self) -> None:
         self._owner = threading.get_ident()
@@ -147,7 +159,7 @@ class RegorusPolicy:
         # Only the box references the engine from here on, and only the owner thread
         # empties it: neither this frame nor the instance dict (freed after this returns,
         # maybe after the loop has run the callback) may hold the last reference.
-        box = [self.__dict__.pop("engine")]
+        box = [self.__dict__.pop("engine"), self.__dict__.pop("fast", None)]
         loop = getattr(self, "_loop", None)
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # closed meanwhile
@@ -165,8 +177,13 @@ class RegorusPolicy:
         revision: str = "",
         budget_ms: float = 50.0,
         required: tuple[str, ...] = (DISPATCH_QUERY,),
+        fast_path: bool = False,
     ) -> RegorusPolicy:
-        """Compile every module under ``policy_dir``; raise ConfigError with file:line:col."""
+        """Compile every module under ``policy_dir``; raise ConfigError with file:line:col.
+
+        ``fast_path``: also compile the hub's queries for the ``Rvm``; it stays off until
+        ``cross_check`` has compared it with the Engine.
+        """
         _drop_orphans()
         root = Path(policy_dir)
         engine = regorus.Engine()
@@ -200,7 +217,33 @@ class RegorusPolicy:
                     reason = f"{query} is not defined by any module"
                 del engine, policy  # as above: not left to the garbage collector
                 raise ConfigError(reason, location=location or root.name) from e
+        if fast_path:
+            policy.fast = FastPath.build(engine.get_ast_as_json(), merged, HUB_QUERIES)
         return policy
+
+    def cross_check(self, cases: list[tuple[str, Any]], *, source: str) -> bool:
+        """Evaluate ``cases`` (query, input) with both the ``Rvm`` and the ``Engine``; the
+        first difference turns the fast path off for this revision. True if it stays on."""
+        fast = self.fast
+        if fast is None or fast.disabled is not None:
+            return False
+        for query, policy_input in cases:
+            if query not in fast.rvms or not isinstance(policy_input, dict):
+                continue
+            expected = self._engine_decide(query, policy_input, budget=False)
+            value = fast.raw(query, policy_input)
+            fast.checked[query] = fast.checked.get(query, 0) + 1
+            if value is None:
+                continue  # the Engine answers this input anyway
+            got = interpret(value)
+            if got.to_json() != expected.to_json():
+                fast.disable(query, policy_input, expected.to_json(), got.to_json(), source)
+                return False
+        return True
+
+    def fast_path_status(self) -> dict[str, Any] | None:
+        """The fast path's state for /v1/status (None when there is none)."""
+        return self.fast.to_json() if self.fast is not None else None
 
     def set_data(self, data: dict[str, Any]) -> None:
         """Replace ``data`` (e.g. after the registry changed), keeping data.json files."""
@@ -208,9 +251,30 @@ class RegorusPolicy:
         merged = {**data_documents_cached(self.data), **data}
         self.engine.add_data(merged)
         self.data = merged
+        if self.fast is not None:
+            # Compiled and checked against the old data: the Engine answers from now on.
+            self.fast.disabled = {"source": "set_data", "reason": "data replaced after the check"}
 
     def evaluate(self, query: str, input: dict[str, Any]) -> Decision:
         """Evaluate ``query``; any failure is a deny with its reason (fail closed)."""
+        fast = self.fast
+        if fast is not None and fast.on(query):
+            start = time.perf_counter_ns()
+            value = fast.raw(query, input)
+            # Only an allow is taken from the Rvm; a deny or anything doubtful is decided
+            # again by the Engine, so every refusal carries the Engine's reason or error.
+            if type(value) is dict and value.get("allow") is True:
+                elapsed = time.perf_counter_ns() - start
+                if elapsed <= self.budget_ms * 1e6:
+                    decision = interpret(value, elapsed)
+                    if decision.allow:
+                        fast.answered += 1
+                        return decision
+            fast.fell_back += 1
+        return self._engine_decide(query, input)
+
+    def _engine_decide(self, query: str, input: dict[str, Any], budget: bool = True) -> Decision:
+        """The Engine's decision (the authority); over ``budget_ms`` is a deny if ``budget``."""
         start = time.perf_counter_ns()
         try:
             self.engine.set_input(input)
@@ -227,7 +291,7 @@ class RegorusPolicy:
                 raise
             return _deny(f"policy engine panic: {type(e).__name__}", start)
         elapsed = time.perf_counter_ns() - start
-        if elapsed > self.budget_ms * 1e6:
+        if budget and elapsed > self.budget_ms * 1e6:
             return _deny(
                 f"policy evaluation took {elapsed / 1e6:.1f} ms, "
                 f"over its {self.budget_ms} ms budget",

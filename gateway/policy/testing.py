@@ -28,14 +28,19 @@ os.environ["RUST_LIB_BACKTRACE"] = "0"
 import regorus
 
 from gateway.errors import ConfigError
+from gateway.logs import get_logger
+from gateway.policy.engine import HUB_QUERIES
 from gateway.policy.engine import data_documents as _data_documents
 from gateway.policy.engine import parse_engine_error as parse_regorus_error
+
+log = get_logger(__name__)
 
 Outcome = Literal["pass", "fail", "error"]
 
 TEST_PREFIX = "test_"
 TODO_PREFIX = "todo_test_"
 TEST_FILE_SUFFIX = "_test.rego"
+CAPTURE_MARK = "__gateway_captured_input__"
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,8 @@ class TestReport:
 
     results: list[TestResult]
     coverage: dict[str, dict[str, Any]] | None = None
+    # (query, input) for each distinct input the tests gave a ``capture``d query.
+    inputs: list[tuple[str, Any]] = field(default_factory=list)
 
     def count(self, outcome: Outcome) -> int:
         """How many tests had ``outcome``."""
@@ -90,8 +97,11 @@ def _load(
     include_tests: bool,
     v0_compatible: bool,
     coverage: bool,
+    extra: dict[str, str] | None = None,
 ) -> tuple[Any, dict[str, str]]:
-    """Build and prepare an engine; return it with each module's package by display name."""
+    """Build and prepare an engine; return it with each module's package by display name.
+
+    ``extra``: more modules (name: source), not counted as the directory's."""
     root = Path(policy_dir)
     if not root.is_dir():
         raise ConfigError("policy directory not found", location=str(root))
@@ -120,6 +130,13 @@ def _load(
         except UnicodeDecodeError as e:
             del engine
             raise ConfigError(f"not UTF-8: {e}", location=name) from e
+    for name, source in (extra or {}).items():
+        try:
+            engine.add_policy(name, source)
+        except RuntimeError as e:
+            location, reason = parse_regorus_error(str(e))
+            del engine
+            raise ConfigError(reason, location=location or name) from e
     merged = {**_data_documents(root), **(data or {})}
     if merged:
         engine.add_data(merged)
@@ -219,10 +236,14 @@ def run_tests(
     data: dict[str, Any] | None = None,
     run: str | None = None,
     v0_compatible: bool = False,
+    capture: tuple[str, ...] = (),
 ) -> TestReport:
     """Run every ``test_*`` rule under ``policy_dir`` (``run``: regex on ``data.pkg.test_x``).
 
-    Raises ConfigError (with file:line:col) when a module does not parse or compile.
+    ``capture``: rule paths (``data.pkg.decision``) whose inputs the report keeps: each gets
+    one more definition that prints its input and produces nothing (``false``), so no
+    outcome changes. Raises ConfigError (with file:line:col) when a module does not parse or
+    compile.
     """
     engine, packages = _load(
         Path(policy_dir),
@@ -230,6 +251,7 @@ def run_tests(
         include_tests=True,
         v0_compatible=v0_compatible,
         coverage=coverage,
+        extra=_capture_modules(capture),
     )
     tests = discover_tests(engine, packages)
     if run:
@@ -240,6 +262,7 @@ def run_tests(
     covered: dict[str, set[int]] = {f: set() for f in policy_files}
 
     results: list[TestResult] = []
+    captured: dict[tuple[str, str], Any] = {}
     for package, name, file, line in tests:
         case = engine.clone()
         outcome: Outcome
@@ -267,7 +290,7 @@ def run_tests(
                 raise
             elapsed = time.perf_counter_ns() - start
             outcome, message = "error", f"engine panic: {type(e).__name__}: {e}"
-        prints = list(case.take_prints())
+        prints = _take_captures(case.take_prints(), capture, captured)
         if coverage:
             for path, (hit, _) in _coverage_lines(case).items():
                 if path in covered:
@@ -286,7 +309,39 @@ def run_tests(
                 "not_covered": sorted(missed),
                 "percent": round(100.0 * len(hit) / total, 2) if total else 100.0,
             }
-    return TestReport(results, report_coverage)
+    return TestReport(results, report_coverage, list(captured.values()))
+
+
+def _capture_modules(queries: tuple[str, ...]) -> dict[str, str]:
+    """One module per captured rule path, printing its input (see ``run_tests``)."""
+    modules = {}
+    for query in queries:
+        package, _, rule = query.removeprefix("data.").rpartition(".")
+        modules[f"{CAPTURE_MARK}/{query}.rego"] = (
+            f"package {package}\n\nimport rego.v1\n\n{rule} := {json.dumps(CAPTURE_MARK)} if {{\n"
+            f'\tprint("{CAPTURE_MARK}", "{query}", input)\n\tfalse\n}}\n'
+        )
+    return modules
+
+
+def _take_captures(
+    prints: list[str], queries: tuple[str, ...], captured: dict[tuple[str, str], Any]
+) -> list[str]:
+    """The test's own prints; the captured inputs go to ``captured`` (deduplicated)."""
+    if not queries:
+        return list(prints)
+    own = []
+    for line in prints:
+        _, mark, rest = line.partition(f"{CAPTURE_MARK} ")
+        if not mark:
+            own.append(line)
+            continue
+        query, _, text = rest.partition(" ")
+        if query not in queries or (query, text) in captured:
+            continue
+        with contextlib.suppress(ValueError):  # a set in an input prints as Rego, not JSON
+            captured[(query, text)] = (query, json.loads(text))
+    return own
 
 
 def _plain(value: Any) -> Any:
@@ -380,3 +435,14 @@ def _coverage_text(coverage: dict[str, Any]) -> list[str]:
     overall = 100.0 * hit_all / (hit_all + miss_all) if hit_all + miss_all else 100.0
     lines.append(f"  total: {overall:.2f}%")
     return lines
+
+
+def policy_test_inputs(policy_dir: Path) -> list[tuple[str, Any]]:
+    """The inputs the policy tests give the hub's queries; none (logged) if they do not run."""
+    try:
+        return run_tests(Path(policy_dir), capture=HUB_QUERIES).inputs
+    except (ConfigError, OSError) as e:
+        log.warning(
+            "policy test inputs unavailable for the fast path check", extra={"error": str(e)}
+        )
+        return []

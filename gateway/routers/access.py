@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.bundle.config import Config
+from gateway.decisionlog.sink import DecisionSink
 from gateway.errors import (
     Degraded,
     Forbidden,
@@ -36,7 +37,6 @@ from gateway.errors import (
 from gateway.identity.apikeys import Subject
 from gateway.logs import get_logger
 from gateway.policy.engine import API_QUERY, Decision
-from gateway.routers.tasks import DecisionSink
 
 log = get_logger(__name__)
 API_PATH = "gateway/api/decision"

@@ -33,6 +33,7 @@ from gateway.agents.wire import AgentWire
 from gateway.bundle.config import MESSAGE_SCHEMA, RESULT_SCHEMA, Config
 from gateway.bundle.registry import AgentSpec
 from gateway.decisionlog.masking import SecretPointers
+from gateway.decisionlog.sink import DecisionSink
 from gateway.errors import (
     AgentNotRunning,
     DelegationTooDeep,
@@ -47,7 +48,7 @@ from gateway.identity.svid import VerifiedIdentity
 from gateway.ids import uuid4_str
 from gateway.logs import bound, get_logger
 from gateway.policy.engine import MESSAGES_QUERY, Decision
-from gateway.routers.tasks import DecisionSink, TaskRouter
+from gateway.routers.tasks import TaskRouter
 from gateway.settings import MessageSettings
 from gateway.store import Task
 
@@ -460,6 +461,13 @@ class MessageRouter:
         config = self._config()
         config.schemas.validate(RESULT_SCHEMA, body, what="result")
         running = self.instances.for_task(task_id)
+        inst = sender.instance
+        if running is None and inst is not None and self.instances.is_remote(inst):
+            # A container another hub of the cluster runs reported here (its GATEWAY_URL
+            # names a hub that died and came back, or any hub behind one address).
+            running = inst if inst.task_id == task_id else None
+            if running is not None:
+                return await self._report_elsewhere(config, running, task_id, body)
         if sender.instance is None or running is None or running is not sender.instance:
             # The same answer whether the task exists or not: no probing of task ids.
             raise NotTaskOwner(
@@ -479,6 +487,26 @@ class MessageRouter:
                 f"task {task_id} is {task.state}",
                 details=errors,
             )
+        return task
+
+    async def _report_elsewhere(
+        self, config: Config, running: Instance, task_id: str, body: dict[str, Any]
+    ) -> Task:
+        """Record a result for a task another hub runs straight in the shared store (the
+        guarded transition: the first end wins); that hub's runner sees it within a second."""
+        spec = config.registry.agents.get(running.agent)
+        if spec is None:
+            raise NotTaskOwner(
+                f"agent {running.agent!r} is not in the registry", details={"task_id": task_id}
+            )
+        task = await self.tasks.record_report(task_id, spec, body)
+        if "output" in body and task.state == "failed":
+            errors = config.schemas.errors(spec.output_schema, body["output"], "/output")
+            if errors:
+                raise SchemaViolation(
+                    f"output does not match {spec.output_schema}; task {task_id} is failed",
+                    details=errors,
+                )
         return task
 
     # -- helpers

@@ -23,6 +23,7 @@ the last run, and the pool refills with the current one within seconds.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,10 +74,13 @@ async def recover(
     alerts: Alerts,
     settings: RecoverySettings,
     pools: WarmPools | None = None,
+    owned: Callable[[], Awaitable[set[str]]] | None = None,
 ) -> RecoveryReport:
     """Reconcile the store with the container engine; see the module docstring.
 
-    ``registry`` is the one in force; ``hub_id`` picks this hub's containers.
+    ``registry`` is the one in force; ``hub_id`` picks this hub's containers. In a cluster
+    ``owned()`` names the unfinished tasks this hub holds the lease of: only those are
+    reconciled, and a container of a task another hub holds is not an orphan.
     """
     started = time.perf_counter()
     report = RecoveryReport()
@@ -85,6 +89,17 @@ async def recover(
     now = time.time()
     spares: list[dict[str, Any]] = []
     tasks = await store.active_tasks()
+    if owned is not None:
+        mine = await owned()
+        for task in tasks:
+            if task.id in mine:
+                continue
+            # Another hub holds the task now: the container it re-attached (the task's
+            # current instance) is its own; one of ours from an earlier attempt is a stray.
+            for c in by_task.pop(task.id, []):
+                if c["labels"].get(LABEL_INSTANCE, task.instance_id) != task.instance_id:
+                    spares.append(c)
+        tasks = [t for t in tasks if t.id in mine]
     for task in tasks:
         # A warm container carries no task label: the task recorded its id.
         if task.container_id in pooled:
@@ -105,6 +120,44 @@ async def recover(
         await _remove(backend, stale)
     report.seconds = time.perf_counter() - started
     log.info("recovery done", extra=report.to_json())
+    return report
+
+
+async def take_over(
+    claims: list[tuple[str, str]],
+    *,
+    router: TaskRouter,
+    backend: ContainerBackend,
+    store: Store,
+    registry: Registry,
+    settings: RecoverySettings,
+) -> RecoveryReport:
+    """Reconcile the tasks this hub just claimed from hubs whose leases expired, against
+    those hubs' containers: re-attach where one still runs, else re-dispatch (or end them),
+    as a restart would. Their warm containers are removed."""
+    started = time.perf_counter()
+    report = RecoveryReport()
+    now = time.time()
+    by_hub: dict[str, list[str]] = {}
+    for task_id, previous in claims:
+        by_hub.setdefault(previous, []).append(task_id)
+    for previous, task_ids in by_hub.items():
+        containers = await backend.list_managed(previous)
+        by_task, pooled = _group(containers, set())
+        spares: list[dict[str, Any]] = []
+        for task_id in task_ids:
+            task = await store.get_task(task_id)
+            if task.terminal:
+                continue
+            if task.container_id in pooled:
+                by_task.setdefault(task.id, []).append(pooled.pop(task.container_id))
+            container = _pick(task, by_task.pop(task.id, []), spares)
+            await _reconcile(task, container, router, backend, registry, settings, now, report)
+        for stale in [*pooled.values(), *spares]:
+            report.pooled_removed.append(stale["name"])
+            await _remove(backend, stale)
+    report.seconds = time.perf_counter() - started
+    log.info("takeover done", extra=report.to_json())
     return report
 
 

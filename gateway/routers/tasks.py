@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from gateway.agents import Accepted, AgentClient, AgentReplyError
 from gateway.agents.a2a import A2AAgents
@@ -29,11 +29,13 @@ from gateway.containers.backend import LABEL_INSTANCE, ContainerBackend, Contain
 from gateway.containers.guardrails import build_spec
 from gateway.containers.pools import Warm, WarmPools
 from gateway.decisionlog.masking import SecretPointers
+from gateway.decisionlog.sink import DecisionSink
 from gateway.errors import (
     AgentTimeout,
     BadRequest,
     Degraded,
     GatewayError,
+    GuardrailUnenforceable,
     GuardrailViolation,
     InvalidState,
     PolicyDenied,
@@ -45,31 +47,10 @@ from gateway.ids import traceparent
 from gateway.limits.quotas import SubjectQuotas
 from gateway.logs import bound, get_logger
 from gateway.policy.engine import DISPATCH_QUERY, Decision
-from gateway.store import ACTIVE_STATES, Store, Task
+from gateway.store import ACTIVE_STATES, SealedDecision, Store, Task
 
 log = get_logger(__name__)
 DISPATCH_PATH = "gateway/dispatch/decision"
-
-
-class DecisionSink(Protocol):
-    """Where decisions go (the decision log)."""
-
-    async def record(
-        self,
-        *,
-        kind: str,
-        path: str,
-        input: dict[str, Any],
-        decision: Decision,
-        revision: str,
-        subject: str | None,
-        agent: str | None,
-        task_id: str | None,
-        secret_pointers: list[str] | None = None,
-        durable: bool = True,
-    ) -> str:
-        """Write one decision; return its id (once durable, unless ``durable`` is False)."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -81,6 +62,11 @@ class RouterOptions:
     max_running: int = 16
     ready_timeout_s: float = 20.0
     idempotency_ttl_s: float | None = None  # None: Idempotency-Keys never expire
+    # Which container backend runs tasks (``input.backend`` of the dispatch policy: on
+    # "swarm" the sandbox says which guardrail equivalents it accepts).
+    backend: str = "docker"
+    # Several hubs share the store (PostgreSQL): a task's end may be recorded by another.
+    shared_store: bool = False
 
 
 def request_hash(envelope: Any) -> str:
@@ -98,6 +84,18 @@ class _Run:
     handle: ContainerHandle | None = None
     warm: Warm | None = None
     keep_for: str | None = None  # the owner a reusable warm container goes back to
+
+
+class _EndedElsewhere(Exception):
+    """The task's end was recorded by another hub (its agent reported there)."""
+
+
+@dataclass
+class _Done:
+    """Set when a task ends; ``task`` is the terminal task when its runner recorded it."""
+
+    event: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    task: Task | None = None
 
 
 class TaskRouter:
@@ -130,7 +128,7 @@ class TaskRouter:
         # Each subject's pending and running tasks, and its ``running`` quota (limits.yaml).
         self.quotas = SubjectQuotas()
         self._runners: dict[str, asyncio.Task[None]] = {}
-        self._done: dict[str, asyncio.Event] = {}
+        self._done: dict[str, _Done] = {}
         self._removals: set[asyncio.Task[None]] = set()
         self._detaching = False
         # Live containers and their identities; results reported later by agents (202).
@@ -197,7 +195,7 @@ class TaskRouter:
         first_error: GatewayError | None = None
         for agent in candidates:
             try:
-                decision_id, sandbox = await self._decide(
+                sealed, sandbox = await self._decide(
                     config, subject, envelope, agent, task_id, request
                 )
             except (SchemaViolation, PolicyDenied) as e:
@@ -213,7 +211,7 @@ class TaskRouter:
                 "input": envelope["input"],
                 "timeout_s": timeout_s,
                 "deadline": time.time() + timeout_s,
-                "decision_id": decision_id,
+                "decision_id": sealed.decision_id,
                 "sandbox": sandbox,
                 "labels": envelope.get("labels"),
                 "attempts": 0,
@@ -221,8 +219,12 @@ class TaskRouter:
                 "parent_id": parent.task_id if parent else None,
             }
             idem = (subject.id, idempotency_key, req_hash) if idempotency_key else None
-            task, created = await self.store.create_task(row, idem, keys_since=keys_since)
+            task, created = await self.store.create_task(
+                row, idem, keys_since=keys_since, decision=sealed
+            )
             if created:
+                with bound(task_id=task_id, decision_id=sealed.decision_id, agent=agent.name):
+                    log.info("dispatch allowed")
                 lineage = parent.child_lineage() if parent else ()
                 self._accepted_under[task_id] = config
                 self._traces[task_id] = request["traceparent"]
@@ -245,7 +247,9 @@ class TaskRouter:
         agent: AgentSpec,
         task_id: str,
         request: dict[str, Any],
-    ) -> tuple[str, dict[str, Any]]:
+    ) -> tuple[SealedDecision, dict[str, Any]]:
+        """Validate the input and decide; a denial is logged and raised, an allowed
+        decision comes back sealed, for ``create_task`` to append."""
         config.schemas.validate(
             agent.input_schema, envelope["input"], prefix="/input", what=f"input for {agent.name}"
         )
@@ -254,6 +258,7 @@ class TaskRouter:
             "task": {**envelope, "id": task_id},
             "agent": agent.to_json(),
             "request": request,
+            "backend": self.options.backend,
         }
         decision = config.policy.evaluate(DISPATCH_QUERY, policy_input)
         sandbox: dict[str, Any] | None = None
@@ -261,8 +266,13 @@ class TaskRouter:
             try:
                 # Build (and so check) the spec now so an unenforceable grant is a deny.
                 sandbox = decision.sandbox
-                self._spec(agent, sandbox, task_id, float(envelope.get("timeout_s") or 1))
-            except GuardrailViolation as e:
+                spec = self._spec(agent, sandbox, task_id, float(envelope.get("timeout_s") or 1))
+                # A backend that cannot enforce every guardrail (Swarm) says so now: the
+                # dispatch is denied with the reason, not failed after acceptance.
+                enforceable = getattr(self.backend, "enforceable", None)
+                if enforceable is not None:
+                    enforceable(spec)
+            except (GuardrailViolation, GuardrailUnenforceable) as e:
                 decision = Decision(
                     allow=False,
                     reasons=(f"guardrails refused the sandbox: {e}",),
@@ -271,30 +281,32 @@ class TaskRouter:
                     eval_ns=decision.eval_ns,
                     raw=decision.raw,
                 )
-        secret = _secret_pointers(config, agent)
-        decision_id = await self.decisions.record(
-            kind="dispatch",
-            path=DISPATCH_PATH,
-            input=policy_input,
-            decision=decision,
-            revision=config.revision,
-            subject=subject.id,
-            agent=agent.name,
-            task_id=task_id,
-            secret_pointers=secret,
-        )
-        with bound(task_id=task_id, decision_id=decision_id, agent=agent.name):
-            if not decision.allow:
+        record = {
+            "kind": "dispatch",
+            "path": DISPATCH_PATH,
+            "input": policy_input,
+            "decision": decision,
+            "revision": config.revision,
+            "subject": subject.id,
+            "agent": agent.name,
+            "task_id": task_id,
+            "secret_pointers": _secret_pointers(config, agent),
+        }
+        if not decision.allow:
+            decision_id = await self.decisions.record(**record)
+            with bound(task_id=task_id, decision_id=decision_id, agent=agent.name):
                 log.info("dispatch denied", extra={"reasons": list(decision.reasons)})
-                raise PolicyDenied(
-                    f"policy denied the task: {'; '.join(decision.reasons)}",
-                    details={"reasons": list(decision.reasons), "agent": agent.name},
-                    decision_id=decision_id,
-                )
-            log.info("dispatch allowed")
+            raise PolicyDenied(
+                f"policy denied the task: {'; '.join(decision.reasons)}",
+                details={"reasons": list(decision.reasons), "agent": agent.name},
+                decision_id=decision_id,
+            )
+        # An allowed decision is appended by the write that creates its task: one commit,
+        # and no task without its record (nor a record of a task that was never accepted).
+        sealed = self.decisions.prepare(**record)
         assert sandbox is not None
         self._reuse[task_id] = decision.extra.get("reuse") is True
-        return decision_id, sandbox
+        return sealed, sandbox
 
     def _spec(
         self,
@@ -329,7 +341,7 @@ class TaskRouter:
         lineage: tuple[LineageEntry, ...] | None = None,
         instance: Instance | None = None,
     ) -> None:
-        self._done[task.id] = asyncio.Event()
+        self._done[task.id] = _Done()
         runner = asyncio.create_task(
             self._run(
                 task,
@@ -417,6 +429,8 @@ class TaskRouter:
             except asyncio.CancelledError:
                 await self._abandon(run, task_id)
                 raise
+            except _EndedElsewhere:
+                self._signal(task_id)  # another hub recorded the reported result
             except GatewayError as e:
                 await self._finish(task_id, "failed", error=e.to_json()["error"])
             except Exception as e:
@@ -486,12 +500,14 @@ class TaskRouter:
         if run.warm is None:
             run.handle = await self._start_cold(task, agent, sandbox, run.instance)
             return
-        # One write, the instance id with it, before the hand-off.
+        # A warm container is ready: one write takes the task through dispatched to
+        # running, the instance and container with it, before the hand-off.
         run.handle = run.warm.handle
         await self._move(
             task_id,
-            "dispatched",
+            "running",
             ("pending",),
+            via="dispatched",
             instance_id=run.instance.instance_id,
             container_id=run.handle.id,
             container_name=run.handle.name,
@@ -519,7 +535,7 @@ class TaskRouter:
             # A warm container answered /health before it was pooled.
             await self.agents.wait_ready(handle, self.options.ready_timeout_s)
         self.instances.ready(instance, handle)
-        if task.state != "running" or attach_to is None:
+        if run.warm is None and (task.state != "running" or attach_to is None):
             await self._move(task_id, "running", ("dispatched",))
         if self.dispatch_observer:
             self.dispatch_observer(agent.name, time.monotonic() - start)
@@ -644,7 +660,27 @@ class TaskRouter:
         if report.done():
             return report.result()
         reply = post.result()
-        return await report if isinstance(reply, Accepted) else reply
+        if not isinstance(reply, Accepted):
+            return reply
+        if not self.options.shared_store:
+            return await report
+        # In a cluster the agent may report to another hub, which records the end in the
+        # shared store: look there too, once a second.
+        elsewhere = asyncio.ensure_future(self._ended_in_store(task_id))
+        try:
+            await asyncio.wait({report, elsewhere}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            elsewhere.cancel()
+        if report.done():
+            return report.result()
+        raise _EndedElsewhere(task_id)
+
+    async def _ended_in_store(self, task_id: str) -> None:
+        # Polling, not an event: the end is written by another process.
+        while True:
+            if (await self.store.get_task(task_id)).terminal:
+                return
+            await asyncio.sleep(1.0)
 
     def trace_of(self, task_id: str) -> str | None:
         """The W3C traceparent of a running task (None after a restart: not stored)."""
@@ -681,24 +717,35 @@ class TaskRouter:
         return True
 
     async def _move(
-        self, task_id: str, state: str, allowed: tuple[str, ...], **fields: Any
+        self,
+        task_id: str,
+        state: str,
+        allowed: tuple[str, ...],
+        *,
+        via: str | None = None,
+        **fields: Any,
     ) -> None:
         try:
-            await self.store.transition(task_id, state, allowed_from=allowed, **fields)
+            await self.store.transition(task_id, state, allowed_from=allowed, via=via, **fields)
         except InvalidState:
             # Someone (cancel) ended the task first; stop working on it.
             raise asyncio.CancelledError from None
+        if via is not None:
+            self._observe(task_id, via)
         self._observe(task_id, state)
 
     async def _finish(self, task_id: str, state: str, **fields: Any) -> None:
+        ended: Task | None = None
         try:
-            await self.store.transition(task_id, state, allowed_from=ACTIVE_STATES, **fields)
+            ended = await self.store.transition(
+                task_id, state, allowed_from=ACTIVE_STATES, **fields
+            )
             log.info("task finished", extra={"state": state})
         except InvalidState:
             pass  # already terminal (e.g. cancelled while the agent answered)
         else:
             self._observe(task_id, state)
-        self._signal(task_id)
+        self._signal(task_id, ended)
 
     def _observe(self, task_id: str, state: str) -> None:
         if self.state_observer is not None:
@@ -727,6 +774,21 @@ class TaskRouter:
                 "could not remove container", extra={"container": handle.name, "error": e.message}
             )
 
+    async def record_report(self, task_id: str, agent: AgentSpec, body: dict[str, Any]) -> Task:
+        """Record a result reported for a task another hub of the cluster runs, as its
+        runner would (output schema, then the guarded end); the task as it now is."""
+        if "error" in body:
+            err = body["error"]
+            failure = AgentReplyError(
+                f"agent reported an error: {err.get('message') or err.get('code')}",
+                status=202,
+                agent_error=err,
+            )
+            await self._finish(task_id, "failed", error=failure.to_json()["error"])
+        else:
+            await self._complete(task_id, agent, body)
+        return await self.store.get_task(task_id)
+
     def deliver_report(self, task_id: str, body: dict[str, Any]) -> None:
         """Hand ``{"output"}`` or ``{"error"}`` reported by the agent to the task's runner.
 
@@ -747,10 +809,12 @@ class TaskRouter:
         else:
             report.set_result(body)
 
-    def _signal(self, task_id: str) -> None:
-        event = self._done.pop(task_id, None)
-        if event is not None:
-            event.set()
+    def _signal(self, task_id: str, ended: Task | None = None) -> None:
+        done = self._done.pop(task_id, None)
+        if done is not None:
+            # The terminal task as its transition wrote it: waiters need not read it back.
+            done.task = done.task or ended
+            done.event.set()
 
     # -- recovery after a restart
 
@@ -831,10 +895,12 @@ class TaskRouter:
 
         At once for ``timeout_s`` 0 or a task this router does not run (e.g. ended).
         """
-        event = self._done.get(task_id)
-        if event is not None and timeout_s > 0:
+        done = self._done.get(task_id)
+        if done is not None and timeout_s > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout_s)
+                await asyncio.wait_for(done.event.wait(), timeout_s)
+            if done.task is not None:
+                return done.task
         return await self.store.get_task(task_id)
 
     async def cancel(self, task_id: str, by: str) -> Task:

@@ -9,6 +9,10 @@ the pool runs in the sandbox that decision granted, and the result checked again
 tool's ``outputSchema`` when it has one. ``tools/list`` shows the tools the same policy
 lets a caller call, asked without arguments and not logged per tool, as for agent tools.
 
+While a call runs, the server's progress reports reach the caller's ``on_progress``;
+cancelling the call (its asyncio task) cancels it on the server (``McpClient``), which keeps
+running for the next call.
+
 No HTTP here: the MCP door calls ``visible`` and ``call``.
 """
 
@@ -20,15 +24,16 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from gateway.agents.mcp import ProgressFn
 from gateway.agents.mcp_pool import CheckedTool, McpServer, McpServerPool
 from gateway.bundle.config import Config
 from gateway.bundle.registry import AgentSpec
 from gateway.bundle.schemas import json_pointer
+from gateway.decisionlog.sink import DecisionSink
 from gateway.errors import GatewayError, PolicyDenied, SchemaViolation
 from gateway.identity.apikeys import Subject
 from gateway.logs import bound, get_logger
 from gateway.policy.engine import TOOLS_QUERY, Decision
-from gateway.routers.tasks import DecisionSink
 
 log = get_logger(__name__)
 TOOLS_PATH = "gateway/tools/decision"
@@ -164,10 +169,12 @@ class ToolRouter:
         name: str,
         arguments: dict[str, Any],
         request: dict[str, Any],
+        on_progress: ProgressFn | None = None,
     ) -> dict[str, Any]:
         """Validate, decide, log, forward and check one call of hub tool ``name``; the
         ``CallToolResult`` JSON (``_meta`` names the decision). SchemaViolation (pointers
-        relative to the arguments), PolicyDenied or ToolCallFailed otherwise."""
+        relative to the arguments), PolicyDenied or ToolCallFailed otherwise. The server's
+        progress goes to ``on_progress`` (its params: progress, total, message)."""
         config = self._config()
         found = self.split(config, name)
         assert found is not None, "callers check with split() first"
@@ -201,7 +208,7 @@ class ToolRouter:
         started = time.perf_counter()
 
         async def forward(server: McpServer) -> dict[str, Any]:
-            return await server.client.call_tool(tool_name, arguments, agent.timeout_s)
+            return await server.client.call_tool(tool_name, arguments, agent.timeout_s, on_progress)
 
         with bound(decision_id=decision_id, agent=agent.name):
             try:
@@ -211,6 +218,13 @@ class ToolRouter:
                 raise ToolCallFailed(
                     e.message, details={"code": e.code}, decision_id=decision_id
                 ) from e
+            except asyncio.CancelledError:
+                ms = round((time.perf_counter() - started) * 1000, 2)
+                log.info(
+                    "mcp tool call cancelled",
+                    extra={"tool": name, "subject": subject.id, "ms": ms},
+                )
+                raise
             ms = round((time.perf_counter() - started) * 1000, 2)
             log.info("mcp tool call", extra={"tool": name, "subject": subject.id, "ms": ms})
         if tool.output_validator is not None and not result.get("isError"):

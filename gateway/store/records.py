@@ -7,6 +7,7 @@ did not write (from an old database, or by hand) may hold None in any column.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -73,3 +74,13 @@ class Task:
 
 # The columns of ``tasks`` that a Task carries (every field but ``history``).
 TASK_COLUMNS = tuple(f.name for f in fields(Task) if f.name != "history")
+
+
+@dataclass(frozen=True, slots=True)
+class SealedDecision:
+    """A decision record ready to append: ``seal(seq, prev_hash)`` makes its row once the
+    writer knows the chain head; ``genesis`` is the hash the first record chains to."""
+
+    decision_id: str
+    seal: Callable[[int, str], dict[str, Any]]
+    genesis: str

@@ -33,7 +33,7 @@ from gateway.clock import utcnow
 from gateway.errors import IdempotencyConflict, InvalidState, StoreUnavailable, UnknownTask
 from gateway.logs import get_logger
 from gateway.store.migrations import migrate
-from gateway.store.records import ACTIVE_STATES, TASK_COLUMNS, Task, TaskEvent
+from gateway.store.records import ACTIVE_STATES, TASK_COLUMNS, SealedDecision, Task, TaskEvent
 
 T = TypeVar("T")
 log = get_logger(__name__)
@@ -262,15 +262,20 @@ class Store:
         idempotency: tuple[str, str, str] | None = None,
         *,
         keys_since: str | None = None,
+        decision: SealedDecision | None = None,
     ) -> tuple[Task, bool]:
         """Insert a pending task (and its idempotency key) atomically.
 
         Returns (task, created). With an idempotency key already used for the same request,
         returns the original task and False; for a different request, IdempotencyConflict.
         A key recorded before ``keys_since`` (RFC 3339) has expired: it is used afresh.
+        ``decision``, the record of the decision that allowed the task, is appended in the
+        same transaction: the task exists only if its decision is logged, with one commit.
         """
 
         def tx(db: sqlite_utils.Database) -> tuple[Task, bool]:
+            if decision is not None:
+                _append_decision(db, decision.seal, decision.genesis)
             if idempotency is not None:
                 existing = _task_of_key(db, *idempotency, since=keys_since)
                 if existing is not None:
@@ -283,17 +288,19 @@ class Store:
             for name in TASK_JSON_FIELDS:
                 if name in record and record[name] is not None:
                     record[name] = json.dumps(record[name])
-            db["tasks"].insert(record)
-            db["task_events"].insert({"task_id": row["id"], "state": "pending", "at": now})
+            _insert(db, "tasks", record)
+            _insert(db, "task_events", {"task_id": row["id"], "state": "pending", "at": now})
             if idempotency is not None:
-                db["idempotency"].insert(
+                _insert(
+                    db,
+                    "idempotency",
                     {
                         "subject": idempotency[0],
                         "key": idempotency[1],
                         "task_id": row["id"],
                         "request_hash": idempotency[2],
                         "created_at": now,
-                    }
+                    },
                 )
             return _task_from_row(_select_task(db, row["id"])), True
 
@@ -337,16 +344,19 @@ class Store:
         *,
         allowed_from: tuple[str, ...],
         detail: str | None = None,
+        via: str | None = None,
         **fields: Any,
     ) -> Task:
         """Move a task to ``state`` if it is in one of ``allowed_from``; else InvalidState.
 
         The guard runs inside the write transaction, so a task reaches a terminal state
-        exactly once even when a timeout, a cancel and a result race.
+        exactly once even when a timeout, a cancel and a result race. ``via`` is a state the
+        task passes through in the same write (a warm dispatch: dispatched, then running);
+        its history shows both. Returns the task with its history.
         """
 
         def tx(db: sqlite_utils.Database) -> Task:
-            current = _select_task(db, task_id)
+            current = db.execute("SELECT state FROM tasks WHERE id = ?", [task_id]).fetchone()
             if current is None:
                 raise UnknownTask(f"no task {task_id!r}")
             if current["state"] not in allowed_from:
@@ -355,15 +365,15 @@ class Store:
                     details={"state": current["state"]},
                 )
             now = utcnow()
-            update = {"state": state, "updated_at": now, **fields}
-            for name in TASK_JSON_FIELDS:
-                if name in update and update[name] is not None:
-                    update[name] = json.dumps(update[name])
-            db["tasks"].update(task_id, update)
-            db["task_events"].insert(
-                {"task_id": task_id, "state": state, "at": now, "detail": detail}
+            _update_task(db, task_id, {"state": state, "updated_at": now, **fields})
+            events = [(task_id, via, now, None)] if via is not None else []
+            events.append((task_id, state, now, detail))
+            db.conn.executemany(
+                "INSERT INTO task_events (task_id, state, at, detail) VALUES (?, ?, ?, ?)", events
             )
-            return _task_from_row(_select_task(db, task_id))
+            task = _task_with_history(db, task_id)
+            assert task is not None
+            return task
 
         return await self.write(tx)
 
@@ -371,10 +381,7 @@ class Store:
         """Set fields that are not a state change (e.g. the container id)."""
 
         def tx(db: sqlite_utils.Database) -> None:
-            for name in TASK_JSON_FIELDS:
-                if name in fields and fields[name] is not None:
-                    fields[name] = json.dumps(fields[name])
-            db["tasks"].update(task_id, {**fields, "updated_at": utcnow()})
+            _update_task(db, task_id, {**fields, "updated_at": utcnow()})
 
         await self.write(tx)
 
@@ -434,7 +441,7 @@ class Store:
         order: str,
         limit: int,
         before: int | None,
-    ) -> tuple[list[sqlite3.Row], int | None]:
+    ) -> tuple[list[dict[str, Any]], int | None]:
         """Rows of ``table`` newest first by the integer column ``order``, keyset-paginated.
 
         ``conditions`` are ``(sql with one ?, value)`` pairs; a None value is no filter.
@@ -450,7 +457,7 @@ class Store:
             sql += " WHERE " + " AND ".join(where)
         sql += f" ORDER BY {order} DESC LIMIT ?"
         args.append(limit + 1)
-        rows = await self.read(lambda db: db.execute(sql, args).fetchall())
+        rows = await self.read(lambda db: [dict(r) for r in db.execute(sql, args)])
         more = len(rows) > limit
         rows = rows[:limit]
         return rows, (rows[-1]["_cursor"] if more and rows else None)
@@ -570,30 +577,17 @@ class Store:
         witness (``decision_heads``) moves with the row, in the same transaction.
         """
 
-        def tx(db: sqlite_utils.Database) -> dict[str, Any]:
-            seq, prev_hash = _decision_head(db, genesis)
-            row = seal(seq + 1, prev_hash)
-            # A plain INSERT: sqlite-utils' insert() introspects the table on every call,
-            # which cost more than the rest of the write (bench/bench_messages.py).
-            db.conn.execute(
-                f"INSERT INTO decisions ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                list(row.values()),
-            )
-            db.conn.execute(
-                "INSERT OR REPLACE INTO decision_heads (id, head_seq, head_hash) VALUES (1, ?, ?)",
-                [row["seq"], row["hash"]],
-            )
-            return row
+        return await self.write(lambda db: _append_decision(db, seal, genesis))
 
-        return await self.write(tx)
-
-    async def get_decision(self, decision_id: str) -> sqlite3.Row | None:
+    async def get_decision(self, decision_id: str) -> dict[str, Any] | None:
         """The stored row of one decision, or None."""
-        return await self.read(
-            lambda db: db.execute(
-                "SELECT * FROM decisions WHERE decision_id = ?", [decision_id]
-            ).fetchone()
-        )
+
+        def q(db: sqlite_utils.Database) -> dict[str, Any] | None:
+            row = db.execute("SELECT * FROM decisions WHERE decision_id = ?", [decision_id])
+            found = row.fetchone()
+            return None if found is None else dict(found)
+
+        return await self.read(q)
 
     async def list_decisions(
         self,
@@ -606,7 +600,7 @@ class Store:
         until: str | None = None,
         limit: int = 50,
         before: int | None = None,
-    ) -> tuple[list[sqlite3.Row], int | None]:
+    ) -> tuple[list[dict[str, Any]], int | None]:
         """Stored decision rows newest first, filtered; (rows, cursor of the next page or None)."""
         return await self.page(
             "decisions",
@@ -684,7 +678,7 @@ class Store:
         return await self.read(q)
 
     async def iter_decisions_range(
-        self, first_seq: int, through_seq: int, consume: Callable[[Iterator[sqlite3.Row]], T]
+        self, first_seq: int, through_seq: int, consume: Callable[[Iterator[dict[str, Any]]], T]
     ) -> T:
         """``consume(rows)`` on a reader thread: the rows seq ``first_seq..through_seq`` by seq."""
 
@@ -693,7 +687,7 @@ class Store:
                 "SELECT * FROM decisions WHERE seq BETWEEN ? AND ? ORDER BY seq",
                 [first_seq, through_seq],
             )
-            return consume(iter(cursor))
+            return consume(dict(row) for row in cursor)
 
         return await self.read(q)
 
@@ -741,6 +735,21 @@ class Store:
         return await self.write(tx)
 
 
+def _append_decision(
+    db: sqlite_utils.Database, seal: Callable[[int, str], dict[str, Any]], genesis: str
+) -> dict[str, Any]:
+    seq, prev_hash = _decision_head(db, genesis)
+    row = seal(seq + 1, prev_hash)
+    # A plain INSERT: sqlite-utils' insert() introspects the table on every call, which
+    # cost more than the rest of the write (bench/bench_messages.py).
+    _insert(db, "decisions", row)
+    db.conn.execute(
+        "INSERT OR REPLACE INTO decision_heads (id, head_seq, head_hash) VALUES (1, ?, ?)",
+        [row["seq"], row["hash"]],
+    )
+    return row
+
+
 def _decision_head(db: sqlite_utils.Database, genesis: str) -> tuple[int, str]:
     """(seq, hash) the next decision is chained to: the head witness, so that records cut
     from the end stay a visible gap; the newest record if rows were added past the witness
@@ -785,7 +794,7 @@ def read_decisions_file(
     since: str | None = None,
     until: str | None = None,
     limit: int | None = None,
-) -> tuple[list[sqlite3.Row], list[tuple[str, str]]]:
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """(the newest ``limit`` matching decision rows, oldest first; every stored registry
     revision as (revision, agents JSON), oldest first) from a database opened read-only.
 
@@ -804,7 +813,7 @@ def read_decisions_file(
     try:
         db = _connect(path, readonly=True)
         try:
-            rows = db.execute(sql, params).fetchall()
+            rows = [dict(r) for r in db.execute(sql, params)]
             registries = [
                 (r["revision"], r["agents"])
                 for r in db.execute(
@@ -817,6 +826,24 @@ def read_decisions_file(
         raise StoreUnavailable(str(e)) from e
     rows.reverse()
     return rows, registries
+
+
+def _update_task(db: sqlite_utils.Database, task_id: str, fields: dict[str, Any]) -> None:
+    # Plain SQL: sqlite-utils' update() and insert() read the table's schema on every call,
+    # which cost more than the write itself on the dispatch path.
+    values = [
+        json.dumps(v) if name in TASK_JSON_FIELDS and v is not None else v
+        for name, v in fields.items()
+    ]
+    assignments = ", ".join(f"{name} = ?" for name in fields)
+    db.conn.execute(f"UPDATE tasks SET {assignments} WHERE id = ?", [*values, task_id])
+
+
+def _insert(db: sqlite_utils.Database, table: str, row: dict[str, Any]) -> None:
+    db.conn.execute(
+        f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+        list(row.values()),
+    )
 
 
 def _select_task(db: sqlite_utils.Database, task_id: str) -> Any:

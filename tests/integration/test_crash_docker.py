@@ -1,5 +1,6 @@
-"""Durability against the real engine: SIGKILL the hub many times, container TTLs with the
-hub dead, and degraded mode while the Docker engine itself is stopped and restarted."""
+"""Durability against the real engine: SIGKILL the hub many times (without and with warm
+pools), container TTLs with the hub dead, and degraded mode while the Docker engine itself
+is stopped and restarted."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import aiohttp
 import docker
 import pytest
 
-from gateway.containers.backend import LABEL_HUB
+from gateway.containers.backend import LABEL_HUB, LABEL_POOL
 from gateway.http.app import HUB
 from tests.conftest import REPO, auth
 from tests.integration.conftest import RUN_ID, cleanup_hub, registry_file
@@ -82,9 +83,10 @@ class HubProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the hub with ``sig`` (``serve`` winds up on SIGTERM and on Ctrl-C alike)."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -112,10 +114,18 @@ ECHO_LATER = """
 """
 
 
-def crash_registry(tmp_path: Path, images: dict[str, str]) -> Path:
-    """The run's agents.yaml plus ``echo-later``."""
+ECHO_RESOURCES = "    resources: {memory: 64m, cpus: 0.5, pids: 32}\n"
+
+
+def crash_registry(tmp_path: Path, images: dict[str, str], pool: str = "") -> Path:
+    """The run's agents.yaml plus ``echo-later``; ``pool`` (an entry's ``pool:`` line) is
+    given to echo and echo-later."""
     path = registry_file(tmp_path, images)
-    path.write_text(path.read_text() + ECHO_LATER.format(image=images["echo"]))
+    text = path.read_text()
+    if pool:
+        assert text.count(ECHO_RESOURCES) == 1
+        text = text.replace(ECHO_RESOURCES, ECHO_RESOURCES + pool)
+    path.write_text(text + ECHO_LATER.format(image=images["echo"]) + pool)
     return path
 
 
@@ -125,8 +135,8 @@ def hub_process(
 ) -> Any:
     made: list[HubProcess] = []
 
-    def make(*extra: str) -> HubProcess:
-        hub = HubProcess(tmp_path, crash_registry(tmp_path, agent_images), *extra)
+    def make(*extra: str, pool: str = "") -> HubProcess:
+        hub = HubProcess(tmp_path, crash_registry(tmp_path, agent_images, pool), *extra)
         made.append(hub)
         return hub
 
@@ -307,6 +317,156 @@ async def test_sigkill_at_many_points_loses_and_duplicates_nothing(
     # The kills caught background and delegating tasks unfinished, not only synchronous ones.
     assert at_kill_by_kind["later"] > 0 and at_kill_by_kind["coord"] > 0, report
     hub.stop()
+    leftover = docker_api.containers(all=True, filters={"label": [f"{LABEL_HUB}={hub.hub_id}"]})
+    assert leftover == [], [c["Names"] for c in leftover]
+
+
+# Warm echo and echo-later: quick (echo), running a while (slow: progress steps reported
+# through the hub with the token its task brought), background (later).
+POOL = "    pool: {min: 2, max: 4}\n"
+POOL_KINDS = ("echo", "slow", "later")
+SLOW = {"progress_steps": 3, "progress_delay_s": 0.25}
+
+
+async def _pools(http: aiohttp.ClientSession, hub: HubProcess, key: str) -> dict[str, Any]:
+    async with http.get(hub.url + "/v1/status", headers=auth(key)) as resp:
+        assert resp.status == 200, await resp.text()
+        pools: dict[str, Any] = (await resp.json())["pools"]
+        return pools
+
+
+async def _refilled(http: aiohttp.ClientSession, hub: HubProcess, key: str) -> None:
+    """Wait until echo and echo-later each have ``min`` (2) idle warm containers."""
+    deadline = time.monotonic() + 30
+    while True:
+        pools = await _pools(http, hub, key)
+        if all(pools[a]["containers"]["idle"] >= 2 for a in ("echo", "echo-later")):
+            return
+        assert time.monotonic() < deadline, pools
+        await asyncio.sleep(0.1)
+
+
+async def test_sigkill_with_warm_pools_loses_duplicates_and_leaks_nothing(
+    hub_process: Any, keys: dict[str, str], docker_api: docker.APIClient
+) -> None:
+    """SIGKILL a hub whose echo agents have warm pools, 6 times while tasks are submitted
+    and run, with idle and assigned warm containers at the kill; every accepted task ends
+    exactly once with its result, each restart refills the pool, and no container is left
+    once the hub stops."""
+    hub = hub_process("--probe-interval", "0.5", "--max-attempts", "10", pool=POOL)
+    hub.start()
+    accepted: dict[str, tuple[str, int]] = {}
+    at_kill: Counter[str] = Counter()
+    delays = [0.0, 0.1, 0.3, 0.6, 1.0, 0.2]
+    n = 0
+    hub_filter = {"label": [f"{LABEL_HUB}={hub.hub_id}", LABEL_POOL]}
+
+    async with aiohttp.ClientSession() as http:
+
+        async def submit(kind: str, i: int) -> None:
+            agent = "echo-later" if kind == "later" else "echo"
+            data_in = {"n": i, **SLOW} if kind == "slow" else {"n": i}
+            body = {"agent": agent, "input": data_in, "timeout_s": 20}
+            async with http.post(
+                hub.url + "/v1/tasks", json=body, headers=auth(keys["user"])
+            ) as resp:
+                data = await resp.json()
+                assert resp.status == 202, data
+                accepted[data["task_id"]] = (kind, i)
+
+        started, spent = time.monotonic(), Counter[str]()
+        for delay in delays:
+            t0 = time.monotonic()
+            await _refilled(http, hub, keys["operator"])  # after every restart, too
+            spent["refill"] += time.monotonic() - t0
+            jobs = []
+            for _ in range(3):
+                n += 1
+                jobs.append(asyncio.create_task(submit(POOL_KINDS[n % len(POOL_KINDS)], n)))
+            await asyncio.sleep(delay)
+            hub.kill()
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+            for r in results:
+                if r is not None and not isinstance(r, aiohttp.ClientError):
+                    raise r
+            # What the dead hub left warm: assigned to an unfinished task, or idle.
+            with contextlib.closing(hub.db()) as db:
+                running = {
+                    row["container_id"]
+                    for row in db.execute("SELECT id, state, container_id FROM tasks")
+                    if row["state"] not in TERMINAL
+                }
+            for c in docker_api.containers(all=True, filters=hub_filter):
+                at_kill["warm_assigned" if c["Id"] in running else "warm_idle"] += 1
+            t0 = time.monotonic()
+            hub.start()
+            spent["start"] += time.monotonic() - t0
+
+        killing_s = time.monotonic() - started
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.closing(hub.db()) as db:
+                states = dict(db.execute("SELECT id, state FROM tasks").fetchall())
+            if all(s in TERMINAL for s in states.values()):
+                break
+            assert time.monotonic() < deadline, Counter(states.values())
+            await asyncio.sleep(0.2)
+        await _refilled(http, hub, keys["operator"])
+        draining_s = time.monotonic() - started - killing_s
+
+        with contextlib.closing(hub.db()) as db:
+            rows = {r["id"]: r for r in db.execute("SELECT * FROM tasks")}
+            terminal_events = Counter(
+                r[0]
+                for r in db.execute(
+                    "SELECT task_id FROM task_events WHERE state IN (?, ?, ?, ?)", TERMINAL
+                )
+            )
+            redispatched = db.execute(
+                "SELECT count(*) FROM task_events WHERE detail LIKE 're-dispatched%'"
+            ).fetchone()[0]
+        for task_id, (kind, i) in accepted.items():
+            row = rows[task_id]
+            assert terminal_events[task_id] == 1, f"{task_id} ended {terminal_events[task_id]}x"
+            assert row["state"] == "succeeded", (kind, row["error"], row["attempts"], task_id)
+            sent = {"n": i, **SLOW} if kind == "slow" else {"n": i}
+            assert json.loads(row["result"]) == {"echo": sent, "agent": "echo"}, (kind, i)
+        assert all(terminal_events[t] == 1 for t in rows)
+        dispatch = Counter(r["dispatch"] for r in rows.values())
+
+        # Killed with full pools: the next start's recovery removes the idle warm containers
+        # of the dead run and warms new ones.
+        before = {c["Id"] for c in docker_api.containers(all=True, filters=hub_filter)}
+        hub.kill()
+        hub.start()
+        await _refilled(http, hub, keys["operator"])
+        after = {c["Id"] for c in docker_api.containers(all=True, filters=hub_filter)}
+        pools = await _pools(http, hub, keys["operator"])
+    report = {
+        "kills": len(delays) + 1,
+        "accepted": len(accepted),
+        "in_db": len(rows),
+        "dispatch": dict(dispatch),
+        "warm_at_kill": dict(at_kill),
+        "re_dispatches": redispatched,
+        "pooled_after_last_restart": len(after),
+        "seconds": {
+            "kills": round(killing_s, 1),
+            "drain": round(draining_s, 1),
+            **{k: round(v, 1) for k, v in spent.items()},
+        },
+    }
+    print("CRASH-POOL-TEST " + json.dumps(report))
+    # The kills caught warm containers both waiting and running a task.
+    assert at_kill["warm_idle"] > 0 and at_kill["warm_assigned"] > 0, report
+    assert dispatch["warm"] > 0, report
+    assert before and after.isdisjoint(before), report  # nothing of the dead run adopted
+    assert len(after) == 4 and pools["echo"]["containers"]["idle"] == 2, (report, pools)
+    # A hub shut down (not killed) removes its idle warm containers on the way out.
+    stopping = time.monotonic()
+    hub.stop()
+    assert hub.proc is not None and hub.proc.returncode == 0, hub.log.read_text()[-3000:]
+    print(f"CRASH-POOL-TEST stopped in {time.monotonic() - stopping:.1f} s")
     leftover = docker_api.containers(all=True, filters={"label": [f"{LABEL_HUB}={hub.hub_id}"]})
     assert leftover == [], [c["Names"] for c in leftover]
 

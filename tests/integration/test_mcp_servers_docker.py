@@ -1,5 +1,6 @@
 """MCP servers behind the hub, on the real engine: the SDK's client calls the example
-``files`` server (stdio, in a hardened container) through ``/mcp``.
+``files`` server (stdio, in a hardened container) and the example ``counter`` server
+(Streamable HTTP: progress while a call runs, and a cancel that reaches it) through ``/mcp``.
 
 The registry is the shipped one plus test entries of the same image: ``files-debug``
 (debug tools that crash, hang or write garbage), ``files-strict`` (the debug image with an
@@ -252,3 +253,61 @@ async def test_per_call_isolation_and_idle_stop(
     await asyncio.sleep(0.05)
     assert await hub.tools.pool.reap() >= 1
     assert _containers(docker_api, mcp_hub, "files") == []
+
+
+def _logs(api: docker.APIClient, container_id: str) -> str:
+    return api.logs(container_id, stdout=True, stderr=True).decode(errors="replace")
+
+
+@pytest.mark.parametrize("revision", ["2025-11-25", "2026-07-28"])
+async def test_an_http_server_reports_progress_and_is_cancelled(
+    mcp_hub: Any, keys: dict[str, str], docker_api: Any, monkeypatch: Any, revision: str
+) -> None:
+    # The example counter (Streamable HTTP, transport: http) in its container on the
+    # internal network; the hub reaches it by address, the SDK's client reaches the hub.
+    hub = mcp_hub.app[HUB]
+    steps: list[tuple[float, float | None, str | None]] = []
+
+    async def progress(value: float, total: float | None, message: str | None) -> None:
+        steps.append((value, total, message))
+
+    async with mcp_client(_url(mcp_hub), keys["user"], revision, monkeypatch) as client:
+        listed = {t.name for t in (await client.list_tools()).tools}
+        assert {"counter.count", "counter.upper"} <= listed
+        upper = await client.call_tool("counter.upper", {"text": "over http"})
+        assert not upper.is_error, upper
+        assert upper.structured_content == {"text": "OVER HTTP"}
+        record = await hub.decisions.get(upper.meta["io.agent-gateway/decision_id"])  # type: ignore[index]
+        assert record["kind"] == "tool" and record["input"]["tool"]["server_tool"] == "upper"
+        (server,) = _containers(docker_api, mcp_hub, "counter")
+
+        counted = await client.call_tool(
+            "counter.count", {"to": 3, "delay_ms": 50}, progress_callback=progress
+        )
+        assert counted.structured_content == {"counted": 3}, counted
+        assert steps == [(float(n), 3.0, f"counted {n} of 3") for n in (1, 2, 3)]
+
+        steps.clear()
+        call = asyncio.ensure_future(
+            client.call_tool(
+                "counter.count", {"to": 1000, "delay_ms": 20}, progress_callback=progress
+            )
+        )
+        for _ in range(500):
+            if len(steps) >= 2:
+                break
+            await asyncio.sleep(0.02)
+        assert len(steps) >= 2, "no progress from the running call"
+        call.cancel()  # 2025-11-25: notifications/cancelled; 2026-07-28: the POST is aborted
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        for _ in range(250):  # the server hears of it from the hub (its log says where)
+            if "count cancelled at" in _logs(docker_api, server):
+                break
+            await asyncio.sleep(0.02)
+        assert "count cancelled at" in _logs(docker_api, server)
+
+        # The same container serves the next call.
+        again = await client.call_tool("counter.upper", {"text": "again"})
+        assert again.structured_content == {"text": "AGAIN"}, again
+        assert _containers(docker_api, mcp_hub, "counter") == [server]

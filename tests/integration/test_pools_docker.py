@@ -1,10 +1,12 @@
 """Warm pools against the real engine: warm dispatch end to end, the warm container's
 ``docker inspect`` against the decision's sandbox, nothing passing between tasks, reuse
-for one owner only, refill, a restart with a full pool, and a reload draining a pool."""
+for one owner only, refill, a restart with a full pool, a reload draining a pool, a warm
+container killed while idle, and the engine stopping under a full pool."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,7 +22,7 @@ from gateway.http.agent_app import start_listeners
 from gateway.http.app import HUB
 from tests.conftest import auth, make_settings
 from tests.integration.conftest import RUN_ID, cleanup_hub, registry_file
-from tests.integration.test_crash_docker import free_port
+from tests.integration.test_crash_docker import _engine_controls, _wait_engine, free_port
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(120)]
 ECHO_RESOURCES = "    resources: {memory: 64m, cpus: 0.5, pids: 32}\n"
@@ -266,3 +268,82 @@ async def test_a_reload_that_changes_echo_drains_its_pool_and_refills(
     for cid in hub.pools.owned():
         assert docker_api.inspect_container(cid)["HostConfig"]["NanoCpus"] == 400_000_000
     await until(lambda: not any(exists(docker_api, cid) for cid in before))
+
+
+async def test_a_warm_container_killed_while_idle_never_gets_a_task(
+    pool_hub: Any, keys: dict[str, str], docker_api: docker.APIClient
+) -> None:
+    client = await pool_hub("    pool: {min: 2, max: 2}\n")
+    pools = client.app[HUB].pools
+    await until(lambda: idle(client) == 2)
+    # The container a pick takes first dies; a task comes before the periodic probe.
+    first, second = list(pools._warm)
+    docker_api.kill(first)
+    task = await run(client, keys["user"], {"n": 1})
+    assert task["state"] == "succeeded", task
+    assert task["dispatch"] == "warm" and task["container"]["id"] == second
+    await until(lambda: not exists(docker_api, first))  # removed, not left to the orphan scan
+    # Dead while idle, no task asking: the periodic probe replaces it.
+    await until(lambda: idle(client) == 2)
+    victim = next(iter(pools._warm))
+    docker_api.kill(victim)
+    await until(lambda: victim not in pools.owned() and idle(client) == 2, within_s=15)
+    assert not exists(docker_api, victim)
+    # Every warm container dead at once: the task starts cold, and still succeeds.
+    for cid in list(pools._warm):
+        docker_api.kill(cid)
+    task = await run(client, keys["user"], {"n": 2})
+    assert task["state"] == "succeeded", task
+    assert task["dispatch"] == "cold"
+    assert "orphan_container" not in client.app[HUB].alerts.active
+
+
+async def test_the_engine_stopping_under_a_full_pool(
+    pool_hub: Any, keys: dict[str, str], docker_api: docker.APIClient
+) -> None:
+    """Stop the real engine with a full pool: degraded, no refill and no busy loop; start
+    it: the dead pooled containers are removed, the pool refills, a task runs warm."""
+    stop, start = _engine_controls()
+    if stop is None:
+        message = "cannot stop and start this machine's Docker engine (not root, no pid file)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    client = await pool_hub("    pool: {min: 2, max: 2}\n")
+    hub = client.app[HUB]
+    await until(lambda: idle(client) == 2)
+    before = set(hub.pools.owned())
+    starts: list[float] = []
+    original = hub.backend.start
+
+    async def counted(spec: Any) -> Any:
+        starts.append(time.monotonic())
+        return await original(spec)
+
+    hub.backend.start = counted
+    stop()
+    try:
+        await asyncio.to_thread(_wait_engine, False, 30)
+        await hub.monitor.tick()
+        assert hub.mode == "degraded" and "container_engine" in hub.degraded_reasons
+        degraded_at = time.monotonic()
+        # The engine stopped the pooled containers on its way out: noticed, not handed out.
+        await until(lambda: idle(client) == 0, within_s=10)
+        # Still the pool's to remove (the engine refused): no orphan, nothing forgotten.
+        assert hub.pools.owned() == before
+        await asyncio.sleep(2)  # four refill rounds while degraded
+        assert [t for t in starts if t > degraded_at] == []
+        status = await (await client.get("/v1/status", headers=auth(keys["operator"]))).json()
+        assert status["pools"]["echo"]["containers"]["idle"] == 0
+    finally:
+        start()
+        await asyncio.to_thread(_wait_engine, True, 90)
+    await hub.monitor.tick()
+    assert hub.mode == "normal"
+    await until(lambda: idle(client) == 2 and hub.pools.owned().isdisjoint(before), within_s=30)
+    await until(lambda: not any(exists(docker_api, cid) for cid in before), within_s=15)
+    assert {c["Id"] for c in running_echo(docker_api, client)} == hub.pools.owned()
+    task = await run(client, keys["user"], {"n": 1})
+    assert task["state"] == "succeeded", task
+    assert task["dispatch"] == "warm"
+    assert "orphan_container" not in hub.alerts.active

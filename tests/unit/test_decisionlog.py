@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,8 @@ from gateway.decisionlog import (
 from gateway.decisionlog.checkpoint import checkpoint_fields
 from gateway.errors import ConfigError
 from gateway.policy.engine import Decision
-from gateway.store import Store
+from gateway.store import Store, open_store
+from tests.pg import raw_sql
 
 
 def build(n: int) -> list[DecisionRecord]:
@@ -122,8 +122,8 @@ def test_the_hash_format_is_the_one_existing_logs_were_written_with() -> None:
     assert record_to_json(built) == sealed
 
 
-async def test_concurrent_decisions_extend_one_chain(tmp_path: Path) -> None:
-    store = Store(tmp_path / "gateway.db")
+async def test_concurrent_decisions_extend_one_chain(store_target: Any) -> None:
+    store = open_store(store_target)
     log = DecisionLog(store, hub_id="h1")
     try:
         ids = await asyncio.gather(
@@ -463,24 +463,21 @@ async def _log_n(log: DecisionLog, n: int, start: int = 0) -> list[str]:
 
 
 @pytest.fixture
-async def log10(tmp_path: Path) -> Any:
-    """A decision log of ten records in a real SQLite file: (log, database path)."""
-    store = Store(tmp_path / "gateway.db")
+async def log10(store_target: Any) -> Any:
+    """A decision log of ten records in a real database, on each backend: (log, where the
+    database is: a SQLite path or a PostgreSQL URL)."""
+    store = open_store(store_target)
     log = DecisionLog(store, hub_id="h1")
     await _log_n(log, 10)
-    yield log, store.path
+    yield log, store_target
     await store.close()
 
 
-def _sql(path: Path, sql: str, *args: Any) -> list[Any]:
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:
-        return conn.execute(sql, args).fetchall()
-    finally:
-        conn.close()
+def _sql(db: Any, sql: str, *args: Any) -> list[Any]:
+    return raw_sql(db, sql, *args)
 
 
-def _seqs(path: Path) -> list[int]:
+def _seqs(path: Any) -> list[int]:
     return [r[0] for r in _sql(path, "SELECT seq FROM decisions ORDER BY seq")]
 
 
@@ -576,7 +573,9 @@ async def test_a_tampered_export_is_caught_against_its_checkpoint(
         await log.verify_export(export, checkpoint_id=9)
 
 
-async def test_a_cut_tail_is_reported_truncated_against_the_head_witness(log10: Any) -> None:
+async def test_a_cut_tail_is_reported_truncated_against_the_head_witness(
+    log10: Any, tmp_path: Path
+) -> None:
     log, db = log10
     head = (await log.verify()).head
     _sql(db, "DELETE FROM decisions WHERE seq > 7")
@@ -591,7 +590,7 @@ async def test_a_cut_tail_is_reported_truncated_against_the_head_witness(log10: 
     assert kinds(await log.verify()) == [("deleted", 11)]
     # And a log that does not verify is not pruned.
     with pytest.raises(PruneError, match="does not verify"):
-        await log.prune(db.parent / "e.jsonl", before=3)
+        await log.prune(tmp_path / "e.jsonl", before=3)
     assert _seqs(db)[0] == 1
 
 

@@ -12,6 +12,8 @@ from referencing.jsonschema import DRAFT202012
 
 from gateway.bundle.schemas import SchemaSet
 from gateway.errors import ERROR_CODES
+from gateway.http.agent_app import agent_routes, create_agent_app
+from gateway.http.agent_openapi import agent_paths
 from gateway.http.app import HUB
 from gateway.http.openapi import openapi_document
 from gateway.http.openapi_parts import inline_schemas
@@ -272,6 +274,23 @@ def test_response_headers_are_documented(doc: dict[str, Any]) -> None:
     assert headers("/readyz", "get", 503)["Retry-After"]["required"] is True
     assert headers("/v1/status", "get", 405)["Allow"]["required"] is True
     assert headers("/v1/status", "get", 401)["WWW-Authenticate"]["required"] is True
+
+
+async def test_every_agent_listener_route_is_described(fake_hub: Any) -> None:
+    client, _ = fake_hub
+    doc = openapi_document(settings=client.app[HUB].settings)
+    served = agent_routes(create_agent_app(client.app[HUB]))
+    assert ("POST", "/mcp") in served and ("DELETE", "/mcp") in served
+    for method, path in served:
+        assert method.lower() in doc["paths"].get(path, {}), f"{method} {path}"
+    # /mcp is an agent route: described with the agent routes, taking agents' SVIDs (the
+    # agent listener's only credential) as well as API keys.
+    agent_mcp = agent_paths(7.5)["/mcp"]
+    assert set(agent_mcp) == {"post", "delete"}
+    for method in ("post", "delete"):
+        assert agent_mcp[method] == doc["paths"]["/mcp"][method]
+        assert {"svid": []} in agent_mcp[method]["security"]
+        assert "agent listener" in agent_mcp[method]["description"]
 
 
 async def test_the_hub_serves_its_own_document(fake_hub: Any) -> None:

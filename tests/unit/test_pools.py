@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -16,13 +17,22 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import jwt
 import pytest
 
 from gateway.bundle.registry import AgentSpec, Resources
-from gateway.containers.backend import LABEL_POOL, LABEL_TASK, ContainerHandle, ContainerSpec
+from gateway.containers.backend import (
+    LABEL_AGENT,
+    LABEL_POOL,
+    LABEL_TASK,
+    ContainerHandle,
+    ContainerSpec,
+)
 from gateway.containers.pools import ALERT, PoolOptions, WarmPools
 from gateway.errors import AgentUnavailable
-from tests.conftest import REPO, FakeBackend, auth, make_settings
+from gateway.sdk import Agent
+from gateway.sdk.client import HubError
+from tests.conftest import REPO, FakeBackend, auth, load_example, make_settings
 
 pytestmark = pytest.mark.timeout(60)
 NETWORKS = {"internal": "net-int", "egress": "net-egr"}
@@ -86,12 +96,16 @@ async def ready(_handle: ContainerHandle, _timeout: float) -> None:
     return None
 
 
-def make_pools(backend: PoolBackend, agents: dict[str, AgentSpec], **kw: Any) -> WarmPools:
+def make_pools(
+    backend: PoolBackend, agents: dict[str, AgentSpec], *, check_s: float = 2.0, **kw: Any
+) -> WarmPools:
     return WarmPools(
         backend=backend,
         agents=lambda: agents,
         wait_ready=kw.pop("wait_ready", ready),
-        options=PoolOptions(hub_id="h", networks=NETWORKS, gateway_url="http://hub", interval_s=0),
+        options=PoolOptions(
+            hub_id="h", networks=NETWORKS, gateway_url="http://hub", interval_s=0, check_s=check_s
+        ),
         **kw,
     )
 
@@ -299,6 +313,35 @@ async def test_a_cancel_during_a_warm_assignment_removes_the_container() -> None
 # -- through the hub
 
 
+@dataclass
+class EnvPoolBackend(PoolBackend):
+    """PoolBackend whose agents see the environment their container would get (and call
+    the hub over real HTTP with it)."""
+
+    gateway_url: str = ""
+    agents: dict[str, Agent] = field(default_factory=dict)
+    envs: list[dict[str, str]] = field(default_factory=list)
+
+    def point_at(self, url: str) -> None:
+        """The hub's address, known once it listens (the pool may have warmed already)."""
+        self.gateway_url = url
+        for env in self.envs:
+            env["GATEWAY_URL"] = url
+
+    async def _start(self, spec: ContainerSpec) -> ContainerHandle:
+        await asyncio.sleep(self.engine_s)
+        self.started.append(spec)
+        agent = load_example(spec.labels[LABEL_AGENT])
+        env = {**spec.env, "GATEWAY_URL": self.gateway_url}
+        self.envs.append(env)
+        agent.env = env  # read when the agent first calls the hub
+        server = agent.serve_in_thread()
+        cid = f"fake-env{len(self.started)}"
+        self.servers[cid], self.labels[cid] = server, dict(spec.labels)
+        self.ports[cid], self.agents[cid] = server.server_port, agent
+        return ContainerHandle(id=cid, name=spec.name, address="127.0.0.1", port=server.server_port)
+
+
 def pooled_registry(tmp_path: Path, entry: str) -> Path:
     text = (REPO / "agents.yaml").read_text()
     marker = "    resources: {memory: 64m, cpus: 0.5, pids: 32}\n"
@@ -314,10 +357,14 @@ async def pool_hub(
 ) -> Callable[..., Awaitable[tuple[Any, PoolBackend]]]:
     from gateway.http.app import create_app
 
-    async def make(entry: str, **backend_kw: Any) -> tuple[Any, PoolBackend]:
-        backend = PoolBackend(**backend_kw)
+    async def make(
+        entry: str, backend_cls: type[PoolBackend] = PoolBackend, **backend_kw: Any
+    ) -> tuple[Any, PoolBackend]:
+        backend = backend_cls(**backend_kw)
         settings = make_settings(tmp_path, agents_file=pooled_registry(tmp_path, entry))
         client = await aiohttp_client(create_app(settings, backend=backend))
+        if isinstance(backend, EnvPoolBackend):
+            backend.point_at(str(client.make_url("")).rstrip("/"))
         return client, backend
 
     return make
@@ -393,3 +440,186 @@ async def test_tasks_cancelled_right_after_submission_leave_no_container(
     assert backend.servers == {}, backend.servers
     assert hub.alerts.active.get("orphan_container") is None
     assert await hub.monitor.orphan_scan() == []
+
+
+# -- a warm container that died or stopped answering while it waited
+
+
+def kill(backend: PoolBackend, cid: str) -> None:
+    """Stop the agent in ``cid`` as ``docker kill`` would; the container stays listed."""
+    server = backend.servers[cid]
+    server.shutdown()
+    server.server_close()
+
+    def dead(handler: Any) -> None:
+        # A keep-alive connection opened before the kill dies with the process too.
+        handler.close_connection = True
+        handler.connection.shutdown(socket.SHUT_RDWR)
+
+    server.RequestHandlerClass.do_GET = server.RequestHandlerClass.do_POST = dead
+
+
+@pytest.fixture
+async def probing() -> Any:
+    """The hub's own readiness probe (real HTTP to the in-process agents)."""
+    from gateway.agents.http import AgentClient
+
+    client = AgentClient()
+    yield client.wait_ready
+    await client.close()
+
+
+async def test_a_dead_warm_container_is_never_handed_out(probing: Any) -> None:
+    backend = PoolBackend()
+    pools = make_pools(backend, {"echo": echo()}, wait_ready=probing)
+    await filled(pools, "echo", 2)
+    first, second = list(pools._warm)
+    kill(backend, first)  # the one a pick takes first (the oldest)
+    warm = await pools.acquire(echo(), sandbox(), owner="a", reuse=False, timeout_s=30)
+    assert warm is not None and warm.handle.id == second  # the live one
+    assert first in backend.removed and first not in pools.owned()
+    kill(backend, second)  # assigned already: not probed again
+    await pools.release(warm, owner=None)
+    # Every warm container dead: a cold start (a miss), and the dead ones removed.
+    await filled(pools, "echo", 2)
+    for cid in pools.owned():
+        kill(backend, cid)
+    assert await pools.acquire(echo(), sandbox(), owner="a", reuse=False, timeout_s=30) is None
+    assert pools.owned() == set() and pools.misses == {"echo": 1}
+    assert pools.hits == {"echo": 1}
+    await pools.stop()
+
+
+async def test_an_idle_container_that_dies_or_turns_unhealthy_is_replaced(probing: Any) -> None:
+    backend = PoolBackend()
+    sick: set[str] = set()
+
+    async def wait_ready(handle: ContainerHandle, timeout_s: float) -> None:
+        if handle.id in sick:  # answers, but not 200
+            raise AgentUnavailable(f"agent {handle.name} not ready (HTTP 503)")
+        await probing(handle, timeout_s)
+
+    pools = make_pools(backend, {"echo": echo()}, wait_ready=wait_ready, check_s=0.05)
+    await filled(pools, "echo", 2)
+    dead, unhealthy = list(pools._warm)
+    kill(backend, dead)
+    sick.add(unhealthy)
+    # Noticed by the periodic probe, before any task asks: removed and replaced.
+    deadline = time.monotonic() + 5
+    while not {dead, unhealthy} <= set(backend.removed) or pools._sizes("echo")["idle"] < 2:
+        assert time.monotonic() < deadline, (backend.removed, pools.to_json())
+        await pools.tick()
+        await asyncio.sleep(0.02)
+    assert pools.owned().isdisjoint({dead, unhealthy})
+    assert len(backend.started) == 4
+    warm = await pools.acquire(echo(), sandbox(), owner="a", reuse=False, timeout_s=30)
+    assert warm is not None and warm.handle.id not in (dead, unhealthy)
+    await pools.stop()
+
+
+async def test_a_live_idle_container_is_probed_but_kept() -> None:
+    backend = PoolBackend()
+    probes: list[str] = []
+
+    async def counting(handle: ContainerHandle, _timeout: float) -> None:
+        probes.append(handle.id)
+
+    pools = make_pools(backend, {"echo": echo()}, wait_ready=counting, check_s=0.05)
+    await filled(pools, "echo", 2)
+    warmed = set(pools.owned())
+    probes.clear()
+    for _ in range(10):
+        await pools.tick()
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.05)
+    assert set(probes) == warmed and len(probes) >= 4  # re-probed every check_s...
+    assert len(probes) <= 2 * 10  # ...at most once a round each, not in a loop
+    assert pools.owned() == warmed and backend.removed == []
+    await pools.stop()
+
+
+async def test_a_removal_the_engine_refuses_is_retried_and_not_an_orphan(probing: Any) -> None:
+    backend = PoolBackend()
+    engine_up = True
+    original = backend.remove
+
+    async def remove(cid: str) -> None:
+        if not engine_up:
+            raise AgentUnavailable("Docker engine unreachable")
+        await original(cid)
+
+    backend.remove = remove  # type: ignore[method-assign]
+    pools = make_pools(
+        backend, {"echo": echo()}, wait_ready=probing, check_s=0.05, can_refill=lambda: engine_up
+    )
+    await filled(pools, "echo", 2)
+    warmed = set(pools.owned())
+    # The engine goes away and takes its containers with it.
+    engine_up = False
+    for cid in warmed:
+        kill(backend, cid)
+    starts = len(backend.started)
+    for _ in range(15):
+        await pools.tick()
+        await asyncio.sleep(0.02)
+    assert pools._sizes("echo")["idle"] == 0  # noticed dead...
+    assert pools.owned() == warmed  # ...but still the pool's to remove (no orphan alert)
+    assert len(backend.started) == starts  # and no refill while degraded
+    engine_up = True
+    await filled(pools, "echo", 2)
+    await until(lambda: warmed <= set(backend.removed))
+    assert pools.owned().isdisjoint(warmed)
+    await pools.stop()
+
+
+# -- the agent SDK: a warm container's identity comes with its task
+
+
+async def test_the_sdk_calls_the_hub_with_the_svid_its_task_brought(
+    pool_hub: Any, keys: dict[str, str]
+) -> None:
+    client, backend = await pool_hub("    pool: {min: 1, max: 1}\n", backend_cls=EnvPoolBackend)
+    from gateway.http.appkeys import HUB
+
+    hub = client.app[HUB]
+    await filled(hub.pools, "echo", 1)
+    cid = next(iter(hub.pools.owned()))
+    agent = backend.agents[cid]
+    # Before its task: no token anywhere in the container, and the hub refuses its calls.
+    assert "AGENT_SVID" not in agent.env and "AGENT_TASK_ID" not in agent.env
+    assert agent.client.token == ""
+    with pytest.raises(HubError) as refused:
+        await asyncio.to_thread(agent.client.progress, "any-task", "too early")
+    assert refused.value.status == 401
+    body = {"agent": "echo", "input": {"progress_steps": 2, "progress_delay_s": 0.01}}
+    resp = await client.post("/v1/tasks", json=body, headers=auth(keys["user"]))
+    task_id = (await resp.json())["task_id"]
+    task = await _task(client, keys["user"], task_id)
+    assert task["state"] == "succeeded", task
+    assert task["dispatch"] == "warm" and task["container"]["id"] == cid
+    # The progress reports (calls to the hub the hub verifies) went in with the token the
+    # task brought: minted for this task's instance, the only token the container ever had.
+    events = await client.get(f"/v1/tasks/{task_id}/events", headers=auth(keys["user"]))
+    assert b"step 2 of 2" in await events.read()
+    token = agent.client.token
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["gw_instance"] == (await hub.store.get_task(task_id)).instance_id
+    assert claims["sub"].endswith("/echo")
+
+
+def test_the_sdk_takes_the_svid_from_the_task_body_and_keeps_it_for_messages() -> None:
+    agent = Agent("echo", env={"GATEWAY_URL": "http://hub.invalid"})
+    assert agent.client.token == ""  # a warm container: nothing in its environment
+    first = agent.context({"task_id": "t1", "svid": "h.first.s"})
+    assert first.client is not None and first.client.token == "h.first.s"
+    assert agent.client.token == "h.first.s"
+    assert first.task_id == "t1"
+    # A message (no body token) is answered as the task's instance.
+    assert agent.context({}).client is first.client
+    # The same token handed over again keeps the client; a new task's token replaces it.
+    assert agent.context({"task_id": "t1", "svid": "h.first.s"}).client is first.client
+    second = agent.context({"task_id": "t2", "svid": "h.second.s"})
+    assert second.client is not None and second.client.token == "h.second.s"
+    # Junk in place of a token changes nothing.
+    for junk in ("", 42, None, ["x"]):
+        assert agent.context({"task_id": "t2", "svid": junk}).client is second.client

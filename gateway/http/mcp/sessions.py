@@ -3,9 +3,10 @@
 ``initialize`` opens a session bound to the subject of the API key that opened it; its id
 (``Mcp-Session-Id``) is random and useless to any other key (the door answers 404, as for
 an unknown id). A session holds the negotiated revision and the requests in flight, so a
-``notifications/cancelled`` can cancel the task behind a ``tools/call``. Sessions end on
-``DELETE /mcp``, after ``IDLE_S`` without a request, or when the subject opens more than
-``MAX_PER_SUBJECT`` (the least recently used goes). Nothing is stored: a restarted hub
+``notifications/cancelled`` can cancel the task behind a ``tools/call`` (or the call
+forwarded to an MCP server behind the hub). Sessions end on ``DELETE /mcp``, after
+``IDLE_S`` without a request, or when the subject opens more than ``MAX_PER_SUBJECT`` (the
+least recently used goes). Nothing is stored: a restarted hub
 answers old ids with 404 and clients initialize again, as the spec expects.
 
 The stateless revision (2026-07-28) has no session: each request carries its envelope.
@@ -13,6 +14,7 @@ The stateless revision (2026-07-28) has no session: each request carries its env
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections import OrderedDict
@@ -35,6 +37,8 @@ class Session:
     initialized: bool = False
     # JSON-RPC request id (as sent) -> the task running it, for notifications/cancelled.
     inflight: dict[str | int, str] = field(default_factory=dict)
+    # JSON-RPC request id -> the call to an MCP server's tool serving it (cancelled as one).
+    server_calls: dict[str | int, asyncio.Future[object]] = field(default_factory=dict)
     # Requests the client cancelled: their answer is an error it will not read.
     cancelled: dict[str | int, bool] = field(default_factory=dict)
 
@@ -83,6 +87,6 @@ class SessionTable:
         cutoff = time.monotonic() - self.idle_s
         while self._sessions:
             oldest = next(iter(self._sessions.values()))
-            if oldest.last_used >= cutoff or oldest.inflight:
+            if oldest.last_used >= cutoff or oldest.inflight or oldest.server_calls:
                 break
             self._sessions.popitem(last=False)

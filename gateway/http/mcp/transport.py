@@ -57,6 +57,7 @@ from mcp_types.version import (
 )
 
 from gateway import __version__
+from gateway.agents.mcp import ProgressFn
 from gateway.errors import (
     DelegationTooDeep,
     GatewayError,
@@ -89,6 +90,10 @@ REQUEST_CANCELLED = -32800
 _STATUS_CODES = {401: UNAUTHORIZED, 403: FORBIDDEN, 429: TOO_MANY_REQUESTS, 503: UNAVAILABLE}
 # How often a stateless call checks whether its client went away (that is its cancel).
 DISCONNECT_POLL_S = 0.5
+# How long a cancelled forwarded call may take to tell its MCP server (McpClient bounds it).
+CANCEL_WAIT_S = 5.0
+# Progress reports of an MCP server kept for a slow client; past that, new ones are dropped.
+MAX_QUEUED_PROGRESS = 256
 # Keys the 2026-07-28 results carry that the handshake revisions do not define.
 _MODERN_ONLY_KEYS = ("resultType", "ttlMs", "cacheScope")
 SUPPORTED = [*HANDSHAKE_PROTOCOL_VERSIONS[2:], *MODERN_PROTOCOL_VERSIONS]
@@ -268,9 +273,11 @@ class McpDoor:
         session: Session | None,
         request_id: str | int,
         on_task: Callable[[str], None] | None = None,
+        on_progress: ProgressFn | None = None,
     ) -> dict[str, Any]:
-        """Run the tool as a task (the path of ``POST /v1/tasks``); its result, or an error
-        result for a denial, a schema violation or a task that failed."""
+        """Run the tool as a task (the path of ``POST /v1/tasks``), or forward it to its MCP
+        server (``on_progress`` gets that server's progress reports); its result, or an
+        error result for a denial, a schema violation or a task or call that failed."""
         name = params.get("name")
         arguments = params.get("arguments")
         if not isinstance(name, str):
@@ -281,7 +288,16 @@ class McpDoor:
             raise RpcError(INVALID_PARAMS, "tools/call 'arguments' must be an object", status=400)
         hub = self.hub
         if hub.tools.split(hub.config, name) is not None:
-            return await self._call_server_tool(request, subject, name, arguments, version)
+            return await self._call_server_tool(
+                request,
+                subject,
+                name,
+                arguments,
+                version,
+                session=session,
+                request_id=request_id,
+                on_progress=on_progress,
+            )
         tool = self.catalog.get(hub.config, name)
         if tool is None:
             raise RpcError(INVALID_PARAMS, f"Unknown tool: {name}", status=400)
@@ -318,9 +334,15 @@ class McpDoor:
         name: str,
         arguments: dict[str, Any],
         version: str,
+        *,
+        session: Session | None,
+        request_id: str | int,
+        on_progress: ProgressFn | None,
     ) -> dict[str, Any]:
         """A tool of an MCP server behind the hub (``gateway.routers.tools``); an agent's
-        call is first decided by the messages policy, then made for its task's owner."""
+        call is first decided by the messages policy, then made for its task's owner. The
+        forwarded call is what ``notifications/cancelled`` (or, stateless, a client that
+        went away) cancels."""
         info = _request_info(request, "tools/call", tool=name)
         hub = self.hub
         try:
@@ -332,10 +354,20 @@ class McpDoor:
                 owner = subject.instance.subject
             else:
                 owner = subject
-            result = await hub.tools.call(owner, name, arguments, info)
+            call = asyncio.ensure_future(hub.tools.call(owner, name, arguments, info, on_progress))
+            if session is not None:
+                session.server_calls[request_id] = call
+            try:
+                result = await self._wait_call(request, call, cancel_on_disconnect=session is None)
+            finally:
+                if session is not None:
+                    session.server_calls.pop(request_id, None)
         except GatewayError as e:
             # A denial, a schema violation or a server that failed: a tool error result.
             return error_result(e.to_json()["error"], version)
+        if result is None:
+            # Cancelled by the client: it reads no result (the caller answers for that).
+            return error_result({"code": "cancelled", "message": "the call was cancelled"}, version)
         size = len(json.dumps(result, ensure_ascii=False, separators=(",", ":")))
         if size > self.max_result_bytes:
             return error_result(
@@ -346,6 +378,27 @@ class McpDoor:
                 version,
             )
         return {**result, **_result_extra(version)}
+
+    @staticmethod
+    async def _wait_call(
+        request: web.Request, call: asyncio.Future[dict[str, Any]], *, cancel_on_disconnect: bool
+    ) -> dict[str, Any] | None:
+        """The forwarded call's result, or None when it was cancelled; a client that went
+        away (stateless: that is its cancel) or this handler's cancellation cancels it."""
+        try:
+            while not call.done():
+                await asyncio.wait({call}, timeout=DISCONNECT_POLL_S)
+                transport = request.transport
+                if cancel_on_disconnect and (transport is None or transport.is_closing()):
+                    raise ClientGone
+        except (ClientGone, asyncio.CancelledError):
+            call.cancel()
+            # Until it has told the server (bounded inside): nothing is left running.
+            await asyncio.wait({call}, timeout=CANCEL_WAIT_S)
+            raise
+        if call.cancelled():
+            return None
+        return call.result()
 
     async def _wait(self, request: web.Request, task: Task, *, cancel_on_disconnect: bool) -> Task:
         router = self.hub.router
@@ -374,6 +427,13 @@ class McpDoor:
         """``notifications/cancelled``: cancel the task behind that request, if the API
         policy lets this subject cancel it (the rule of ``DELETE /v1/tasks/{task_id}``)."""
         if not isinstance(params, dict):
+            return
+        call = session.server_calls.get(params.get("requestId"))  # type: ignore[arg-type]
+        if call is not None:
+            # The session is the caller's own, and so is the forwarded call it started in it.
+            if not call.done():
+                session.cancelled[params.get("requestId")] = True  # type: ignore[index]
+                call.cancel()
             return
         task_id = session.inflight.get(params.get("requestId"))  # type: ignore[arg-type]
         if task_id is None:
@@ -759,6 +819,71 @@ def _sse(message: dict[str, Any]) -> bytes:
     return f"event: message\ndata: {json.dumps(message, separators=(',', ':'))}\n\n".encode()
 
 
+class _ProgressStream:
+    """The ``notifications/progress`` of one call, written to its event stream: a task's
+    events (its states and its agent's reports), or an MCP server's own reports."""
+
+    def __init__(self, response: web.StreamResponse, events: Any, token: str | int) -> None:
+        self.response = response
+        self.events = events
+        self.token = token
+        self._writers: list[asyncio.Task[None]] = []
+        self._notes: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._relaying = False
+        self._last = float("-inf")
+
+    async def _write(self, note: dict[str, Any]) -> None:
+        message = {"jsonrpc": "2.0", "method": "notifications/progress", "params": note}
+        await self.response.write(_sse(message))
+
+    def task(self, task_id: str) -> None:
+        """Forward the events of task ``task_id`` (``call_tool``'s ``on_task``)."""
+        self._writers.append(asyncio.create_task(self._task_events(task_id)))
+
+    async def _task_events(self, task_id: str) -> None:
+        count = 0
+        async for event in self.events.subscribe(task_id, after=0):
+            count += 1
+            data = event.data
+            note: dict[str, Any] = {"progressToken": self.token, "progress": count}
+            message = data.get("message") or (f"task {data['state']}" if "state" in data else None)
+            if isinstance(message, str):
+                note["message"] = message[:500]
+            if isinstance(data.get("total"), int | float) and data["total"] >= count:
+                note["total"] = data["total"]
+            await self._write(note)
+            if event.final:
+                return
+
+    def server(self, report: dict[str, Any]) -> None:
+        """Queue an MCP server's report under the client's token (``on_progress``); one
+        that does not increase is dropped (the spec: progress increases), as are reports
+        past ``MAX_QUEUED_PROGRESS`` waiting for a slow client."""
+        if report["progress"] <= self._last or self._notes.qsize() >= MAX_QUEUED_PROGRESS:
+            return
+        self._last = report["progress"]
+        note = {"progressToken": self.token, **report}
+        if isinstance(note.get("message"), str):
+            note["message"] = note["message"][:500]
+        if not self._relaying:
+            self._relaying = True
+            self._writers.append(asyncio.create_task(self._server_notes()))
+        self._notes.put_nowait(note)
+
+    async def _server_notes(self) -> None:
+        while (note := await self._notes.get()) is not None:
+            await self._write(note)
+
+    async def close(self) -> None:
+        """Let what is due out (briefly), then stop the writers."""
+        self._notes.put_nowait(None)
+        for writer in self._writers:
+            # A task's final state is published before it is signalled done: let it out.
+            with contextlib.suppress(TimeoutError, Exception):
+                await asyncio.wait_for(asyncio.shield(writer), 1.0)
+            writer.cancel()
+
+
 async def _call_with_progress(
     request: web.Request,
     door: McpDoor,
@@ -771,34 +896,13 @@ async def _call_with_progress(
     token: str | int,
 ) -> web.StreamResponse:
     """``tools/call`` answered as an event stream: the task's events (its states and the
-    progress its agent reports) as ``notifications/progress``, then the result."""
-    events = door.hub.events
+    progress its agent reports), or the progress an MCP server behind the hub reports, as
+    ``notifications/progress``, then the result."""
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     await response.prepare(request)
-    forwarders: list[asyncio.Task[None]] = []
-
-    async def forward(task_id: str) -> None:
-        count = 0
-        async for event in events.subscribe(task_id, after=0):
-            count += 1
-            data = event.data
-            note: dict[str, Any] = {"progressToken": token, "progress": count}
-            message = data.get("message") or (f"task {data['state']}" if "state" in data else None)
-            if isinstance(message, str):
-                note["message"] = message[:500]
-            if isinstance(data.get("total"), int | float) and data["total"] >= count:
-                note["total"] = data["total"]
-            await response.write(
-                _sse({"jsonrpc": "2.0", "method": "notifications/progress", "params": note})
-            )
-            if event.final:
-                return
-
-    def on_task(task_id: str) -> None:
-        forwarders.append(asyncio.create_task(forward(task_id)))
-
+    progress = _ProgressStream(response, door.hub.events, token)
     try:
         result = await door.call_tool(
             request,
@@ -807,7 +911,8 @@ async def _call_with_progress(
             version,
             session=session,
             request_id=request_id,
-            on_task=on_task,
+            on_task=progress.task,
+            on_progress=progress.server,
         )
         reply: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "result": result}
     except RpcError as e:
@@ -817,11 +922,7 @@ async def _call_with_progress(
             "error": {"code": e.code, "message": e.message},
         }
     finally:
-        for forwarder in forwarders:
-            # The final state is published before the task is signalled done: let it out.
-            with contextlib.suppress(TimeoutError, Exception):
-                await asyncio.wait_for(asyncio.shield(forwarder), 1.0)
-            forwarder.cancel()
+        await progress.close()
     if session is not None and session.cancelled.pop(request_id, None):
         reply = {
             "jsonrpc": "2.0",
