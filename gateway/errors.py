@@ -214,6 +214,11 @@ class StoreUnavailable(GatewayError):
 
     code, status = "store_unavailable", 503
 
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        # A 503 says when to come back: the store probe runs every few seconds.
+        kwargs.setdefault("headers", {"Retry-After": "5"})
+        super().__init__(message, **kwargs)
+
 
 class Degraded(GatewayError):
     code, status = "degraded", 503

@@ -98,6 +98,8 @@ class Hub:
         # On a PostgreSQL store: this hub's part in the cluster of hubs sharing it.
         self.cluster: Membership | None = None
         self._directory_jobs: set[asyncio.Task[None]] = set()
+        # Unfinished tasks of this hub that no runner drove at the last round (resume_lost_runs).
+        self._unrun: set[str] = set()
 
     @property
     def backend(self) -> ContainerBackend:
@@ -406,6 +408,7 @@ class Hub:
                 self.probe_policy,
                 self.record_revisions,
                 self.prune_idempotency_keys,
+                self.resume_lost_runs,
             ],
             recover=self.recover,
             modes=self.modes,
@@ -498,6 +501,43 @@ class Hub:
             self.modes.set_cause(STORE, e.message)  # the store probe lifts it
             return 0
 
+    async def resume_lost_runs(self) -> list[str]:
+        """Reconcile again (re-attach or re-dispatch) this hub's unfinished tasks that no
+        runner drives, seen so at two rounds in a row; their ids.
+
+        A runner that cannot record a step or the end (the store went away under it) stops,
+        and its task would wait forever: in a cluster this hub keeps renewing its lease.
+        Two rounds, so that a task just created, or just claimed, has its runner by then.
+        """
+        if not self.recovered or self._config is None or self.modes.holds(STORE, ENGINE):
+            return []
+        if self.cluster is not None and self.cluster.taking_over():
+            return []
+        tables = getattr(self.store, "cluster", None)
+        try:
+            mine = await (
+                tables.owned_active(self.hub_id)
+                if tables is not None
+                else self.store.active_task_ids()
+            )
+        except StoreUnavailable as e:
+            self.modes.set_cause(STORE, e.message)
+            return []
+        unrun = {task_id for task_id in mine if not self.router.drives(task_id)}
+        lost, self._unrun = sorted(unrun & self._unrun), unrun - self._unrun
+        if lost:
+            log.warning("resuming tasks no runner drives", extra={"tasks": len(lost)})
+            await take_over(
+                [(task_id, self.hub_id) for task_id in lost],
+                router=self.router,
+                backend=self.backend,
+                store=self.store,
+                registry=self._config.registry,
+                settings=self.settings.recovery,
+                keep={*self.tools.pool.container_ids(), *self.pools.owned()},
+            )
+        return lost
+
     async def record_revisions(self) -> None:
         """Record the revisions in force in the store (once each; later if it is read-only)."""
         if self._config is None or self.modes.holds(STORE):
@@ -560,9 +600,15 @@ class Hub:
         return config_revisions(self.config)
 
     async def status(self) -> dict[str, Any]:
-        """What an operator wants at a glance."""
-        counts = await self.store.count_tasks_by_state()
-        for state, n in counts.items():
+        """What an operator wants at a glance (without the task counts while the store is
+        down: why the hub is degraded is what matters then)."""
+        counts: dict[str, int] | None
+        try:
+            counts = await self.store.count_tasks_by_state()
+        except StoreUnavailable as e:
+            self.modes.set_cause(STORE, e.message)
+            counts = None
+        for state, n in (counts or {}).items():
             self.metrics.tasks.labels(state).set(n)
         self.metrics.containers_running.set(self.router.running)
         return {

@@ -47,10 +47,18 @@ trusted_image if {
 
 requested := input.agent.resources
 
-# A restricted capability runs with its fixed sandbox whatever the agent asks for.
-restricted_sandbox := rule.sandbox if {
-	some cap in input.agent.capabilities
-	rule := cfg.restricted_capabilities[cap]
+# A restricted capability runs with its fixed sandbox whatever the agent asks for. An agent
+# holds at most one (two would ask for two sandboxes: refused below), so this rule has one
+# value whatever the input, which lets the compiled fast path answer it (DESIGN §4).
+restricted_caps := [cap | some cap in input.agent.capabilities; cfg.restricted_capabilities[cap]]
+
+restricted_sandbox := cfg.restricted_capabilities[restricted_caps[0]].sandbox if {
+	count(restricted_caps) == 1
+}
+
+deny contains msg if {
+	count(restricted_caps) > 1
+	msg := sprintf("an agent may hold at most one restricted capability, not %v", [restricted_caps])
 }
 
 limits := restricted_sandbox if {

@@ -132,3 +132,11 @@ test_on_the_local_engine_the_sandbox_accepts_no_equivalent if {
 	d.allow
 	not d.sandbox.swarm_acceptable
 }
+
+test_an_agent_with_two_restricted_capabilities_is_refused if {
+	two := object.union(calc_agent, {"capabilities": ["code.eval", "debug.probe"]})
+	d := dispatch.decision with input as {"subject": developer, "task": {"capability": "code.eval", "input": {}}, "agent": two}
+	not d.allow
+	some reason in d.reasons
+	contains(reason, "at most one restricted capability")
+}

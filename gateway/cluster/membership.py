@@ -7,6 +7,11 @@ from the others (their SVID signing keys, the instances they run). A beat that f
 store is down) changes nothing: the hub keeps its work, and a hub that cannot beat for a
 whole lease loses its tasks to another, which is the point of the lease.
 
+A hub claims only after it has beaten without a failure for a whole lease: after an outage
+of the store longer than the lease every lease has expired, and the first hub back must
+not take the tasks of a peer that is alive and running them. A peer that is alive renews
+its leases within that lease; a dead one does not, and is taken over a lease later.
+
 Nothing here imports the hub: it gets the store's cluster tables and callables.
 """
 
@@ -103,6 +108,8 @@ class Membership:
     _taking_over: asyncio.Task[None] | None = None
     last_beat: float = 0.0
     takeovers: int = 0
+    # Since when (monotonic) every beat succeeded; None until one has, or after a failure.
+    _up_since: float | None = None
 
     async def start(self) -> None:
         """Join: publish this hub's keys and beat once, then beat in the background."""
@@ -122,6 +129,7 @@ class Membership:
             try:
                 await self.beat()
             except StoreUnavailable as e:
+                self._up_since = None
                 # Keep what is held until the lease says otherwise: another hub may take the
                 # singletons over once this hub has missed a whole lease.
                 if time.monotonic() - self.last_beat > self.lease_s:
@@ -134,6 +142,8 @@ class Membership:
         """One round: heartbeat, singletons, takeover, what the others publish."""
         await self.tables.heartbeat(self.hub_id, self.url, self.hooks.info(), self.lease_s)
         self.last_beat = time.monotonic()
+        if self._up_since is None:
+            self._up_since = self.last_beat
         held = set()
         for name in SINGLETONS:
             if await self.tables.hold(name, self.hub_id, self.lease_s):
@@ -144,8 +154,9 @@ class Membership:
         self._hubs = await self.tables.hubs(self.lease_s)
         self.hooks.trust_keys(await self.tables.trusted_keys(self.hooks.trust_domain))
         self.hooks.remote_instances(await self.tables.instances(except_hub=self.hub_id))
-        idle = self._taking_over is None or self._taking_over.done()
-        if idle and self.hooks.ready():
+        # Every peer alive has had a whole lease, with the store up, to renew its leases.
+        settled = self.last_beat - (self._up_since or self.last_beat) >= self.lease_s
+        if settled and not self.taking_over() and self.hooks.ready():
             claims = await self.tables.claim_expired(self.hub_id, self.lease_s)
             if claims:
                 self.takeovers += len(claims)
@@ -156,6 +167,10 @@ class Membership:
                 # In the background: re-attaching waits for agents, and the heartbeat must
                 # go on meanwhile (or this hub's own leases would expire too).
                 self._taking_over = asyncio.create_task(self.hooks.take_over(claims))
+
+    def taking_over(self) -> bool:
+        """Whether tasks claimed from another hub are being re-attached or re-dispatched."""
+        return self._taking_over is not None and not self._taking_over.done()
 
     def leads(self, name: str) -> bool:
         """Whether this hub holds the singleton ``name`` (as of its last beat)."""

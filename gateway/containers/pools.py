@@ -197,11 +197,13 @@ class WarmPools:
         owner: str,
         reuse: bool,
         timeout_s: float,
+        probe: bool = True,
     ) -> Warm | None:
         """A warm container set to exactly ``sandbox`` and assigned, or None (start cold).
 
         ``reuse`` (the decision allows it) lets a container that ``owner`` used before be
-        taken; without it only a container that never ran a task is.
+        taken; without it only a container that never ran a task is. With ``probe`` false
+        the caller probes it with ``check`` (overlapping the probe with its own writes).
         """
         if not agent.pool and not agent.reuse:
             return None
@@ -210,7 +212,7 @@ class WarmPools:
             if picked is None:
                 self._count(agent.name, hit=False)
                 return None
-            if await self._alive(picked):
+            if not probe or await self._alive(picked):
                 break
         try:
             await self._fit(picked, sandbox)
@@ -222,9 +224,18 @@ class WarmPools:
                 self._count(agent.name, hit=False)
                 return None
             raise
-        self._count(agent.name, hit=True)
+        if probe:
+            self._count(agent.name, hit=True)
         self._gauge(agent.name)
         return picked
+
+    async def check(self, w: Warm) -> bool:
+        """Probe an assigned container before its hand-off: True (a hit) if it answers;
+        else it is removed, never handed out, and the caller places the task again."""
+        alive = await self._alive(w)
+        if alive:
+            self._count(w.agent, hit=True)
+        return alive
 
     def _pick(
         self,

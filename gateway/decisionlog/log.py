@@ -152,6 +152,11 @@ class DecisionLog:
             self.metrics.decisions.labels(kind, "allow" if decision.allow else "deny").inc()
         return SealedDecision(str(fields["decision_id"]), seal, GENESIS_HASH)
 
+    async def append(self, sealed: SealedDecision) -> str:
+        """Write a prepared record on its own (its change did not); its id once durable."""
+        row = await self.store.append_decision(sealed.seal, genesis=sealed.genesis)
+        return str(row["decision_id"])
+
     def _written(self, pending: asyncio.Future[Any]) -> None:
         self._pending.discard(pending)
         if not pending.cancelled() and pending.exception() is not None:

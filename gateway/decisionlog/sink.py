@@ -44,3 +44,7 @@ class DecisionSink(Protocol):
     ) -> SealedDecision:
         """Make one decision's record for a write that appends it with more (the task)."""
         ...
+
+    async def append(self, sealed: SealedDecision) -> str:
+        """Write a prepared record on its own (its change did not); its id once durable."""
+        ...

@@ -59,9 +59,10 @@ def admit_submission(request: web.Request) -> Reservation:
 
 
 async def authorize(
-    request: web.Request, resource: dict[str, Any] | None = None
+    request: web.Request, resource: dict[str, Any] | None = None, *, defer: bool = False
 ) -> tuple[Subject | None, Access]:
-    """Authenticate (if a key is presented) and decide the call; raise on a denial."""
+    """Authenticate (if a key is presented) and decide the call; raise on a denial.
+    ``defer``: an allowed change's record comes back unwritten (``ApiAuthorizer``)."""
     subject = authenticate_optional(request)
     hub = request.app[HUB]
     public = resource is not None and resource.get("kind") == "public"
@@ -72,15 +73,15 @@ async def authorize(
     if not public:
         # Probes of health and metrics are never limited: a flood must not blind them.
         hub.limiter.api_call(subject, remote_addr(request))
-    access = await hub.access.authorize(subject, api_call(request), resource)
+    access = await hub.access.authorize(subject, api_call(request), resource, defer=defer)
     return subject, access
 
 
 async def authorize_subject(
-    request: web.Request, resource: dict[str, Any] | None = None
+    request: web.Request, resource: dict[str, Any] | None = None, *, defer: bool = False
 ) -> tuple[Subject, Access]:
     """``authorize`` for calls that need a key: the policy refuses anonymous callers."""
-    subject, access = await authorize(request, resource)
+    subject, access = await authorize(request, resource, defer=defer)
     if subject is None:
         # Only a policy that allows an anonymous caller a keyed call gets here.
         from gateway.errors import Unauthorized

@@ -6,6 +6,7 @@ which call is in ``policies/api.rego``, not here.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator
 
@@ -84,25 +85,32 @@ async def submit_task(request: web.Request) -> web.Response:
 
 
 async def _submit_task(request: web.Request, hub: Hub, wait: float | None) -> web.Response:
-    subject, _ = await authorize_subject(request)
-    body = await read_json(request)
-    idem = request.headers.get("Idempotency-Key")
-    if idem is not None and not 1 <= len(idem) <= 255:
-        raise BadRequest("Idempotency-Key must be 1 to 255 characters")
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    task, created = await hub.router.submit(
-        subject,
-        body,
-        request={
-            "method": request.method,
-            "path": request.path,
-            "remote_addr": peer[0] if peer else None,
-            "time": dt.datetime.now(dt.UTC).isoformat(),
-            # The caller's W3C trace context; the router starts a trace when it is absent.
-            "traceparent": request.headers.get("traceparent"),
-        },
-        idempotency_key=idem,
-    )
+    # The API decision's record is written with the task (one commit); if no task is
+    # written (a bad body, a denied dispatch, a replay), it is written on its own.
+    subject, access = await authorize_subject(request, defer=True)
+    try:
+        body = await read_json(request)
+        idem = request.headers.get("Idempotency-Key")
+        if idem is not None and not 1 <= len(idem) <= 255:
+            raise BadRequest("Idempotency-Key must be 1 to 255 characters")
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        task, created = await hub.router.submit(
+            subject,
+            body,
+            request={
+                "method": request.method,
+                "path": request.path,
+                "remote_addr": peer[0] if peer else None,
+                "time": dt.datetime.now(dt.UTC).isoformat(),
+                # The caller's W3C trace context; the router starts one when it is absent.
+                "traceparent": request.headers.get("traceparent"),
+            },
+            idempotency_key=idem,
+            records=access.pending,
+        )
+    finally:
+        if access.pending:
+            await asyncio.shield(hub.access.commit(access))
     # Read again (with its history) even without a wait: the runner may have moved it on.
     task = await hub.router.wait_for(task.id, wait or 0)
     status = 200 if task.terminal else 202

@@ -239,7 +239,8 @@ def _response_schemas() -> dict[str, Any]:
                 "forced_mode": {"enum": ["normal", "degraded", None]},
                 "degraded_reasons": {"type": "object", "additionalProperties": {"type": "string"}},
                 "revisions": ref("schemas", "Revisions"),
-                "tasks": {"type": "object", "additionalProperties": {"type": "integer"}},
+                # null while the store cannot be read (the cause is in degraded_reasons)
+                "tasks": {"type": ["object", "null"], "additionalProperties": {"type": "integer"}},
                 "running_tasks": {"type": "integer", "minimum": 0},
                 "agents": {"type": "array", "items": {"type": "string"}},
                 "last_recovery": {"type": ["object", "null"]},

@@ -37,6 +37,7 @@ from gateway.errors import (
 from gateway.identity.apikeys import Subject
 from gateway.logs import get_logger
 from gateway.policy.engine import API_QUERY, Decision
+from gateway.store.records import SealedDecision
 
 log = get_logger(__name__)
 API_PATH = "gateway/api/decision"
@@ -70,11 +71,31 @@ class Access:
 
     decision_id: str | None
     scope: str
+    # A change's record not written yet (``authorize(..., defer=True)``): the caller
+    # appends it with the change itself, or ``ApiAuthorizer.commit`` writes it.
+    pending: list[SealedDecision] = field(default_factory=list)
 
     @property
     def sees_all(self) -> bool:
         """Whether list calls show every subject's tasks."""
         return self.scope == "all"
+
+
+def _record(
+    config: Config, subject: Subject | None, policy_input: dict[str, Any], decision: Decision
+) -> dict[str, Any]:
+    """The decision log fields of one API decision."""
+    resource = policy_input["resource"]
+    return {
+        "kind": "api",
+        "path": API_PATH,
+        "input": policy_input,
+        "decision": decision,
+        "revision": config.revision,
+        "subject": subject.id if subject is not None else None,
+        "agent": resource.get("agent") or resource.get("name"),
+        "task_id": resource.get("id") if resource.get("kind") == "task" else None,
+    }
 
 
 def subject_input(subject: Subject | None) -> dict[str, Any]:
@@ -121,8 +142,14 @@ class ApiAuthorizer:
         subject: Subject | None,
         call: ApiCall,
         resource: dict[str, Any] | None = None,
+        *,
+        defer: bool = False,
     ) -> Access:
-        """Decide ``call``; return its Access, or raise the error the denial maps to."""
+        """Decide ``call``; return its Access, or raise the error the denial maps to.
+
+        ``defer``: an allowed change's record is not written here but handed back in
+        ``Access.pending``, for the write of the change itself (one commit for both).
+        """
         config = self._config()
         policy_input = {
             "subject": subject_input(subject),
@@ -130,13 +157,30 @@ class ApiAuthorizer:
             "resource": resource or {"kind": "hub"},
         }
         decision = config.policy.evaluate(API_QUERY, policy_input)
-        decision_id = await self._log(config, subject, call, policy_input, decision)
         if self._observe is not None:
             self._observe(call.route, decision.allow)
+        if defer and decision.allow and call.method not in READ_METHODS:
+            sealed = self._decisions.prepare(**_record(config, subject, policy_input, decision))
+            scope = decision.extra.get("scope")
+            return Access(sealed.decision_id, "all" if scope == "all" else "own", [sealed])
+        decision_id = await self._log(config, subject, call, policy_input, decision)
         if decision.allow:
             scope = decision.extra.get("scope")
             return Access(decision_id, "all" if scope == "all" else "own")
         raise _denial(subject, call, resource, decision, decision_id)
+
+    async def commit(self, access: Access) -> None:
+        """Write the deferred record of an allowed change that its change did not write
+        (the change failed, or was an idempotent replay); Degraded if it cannot be."""
+        while access.pending:
+            sealed = access.pending[0]
+            try:
+                await self._decisions.append(sealed)
+            except StoreUnavailable as e:
+                raise Degraded(
+                    f"the change cannot be recorded: {e.message}", headers={"Retry-After": "5"}
+                ) from e
+            access.pending.pop(0)
 
     async def _log(
         self,
@@ -149,17 +193,9 @@ class ApiAuthorizer:
         is_read = call.method in READ_METHODS
         if decision.allow and is_read and (subject is None or not self.log_reads):
             return None
-        resource = policy_input["resource"]
         try:
             return await self._decisions.record(
-                kind="api",
-                path=API_PATH,
-                input=policy_input,
-                decision=decision,
-                revision=config.revision,
-                subject=subject.id if subject is not None else None,
-                agent=resource.get("agent") or resource.get("name"),
-                task_id=resource.get("id") if resource.get("kind") == "task" else None,
+                **_record(config, subject, policy_input, decision),
                 # A read changes nothing: its caller need not wait for the record to be
                 # durable. Denials and changes are durable before the answer.
                 durable=not (decision.allow and is_read),

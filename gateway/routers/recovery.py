@@ -23,7 +23,7 @@ the last run, and the pool refills with the current one within seconds.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,10 +131,12 @@ async def take_over(
     store: Store,
     registry: Registry,
     settings: RecoverySettings,
+    keep: Collection[str] = (),
 ) -> RecoveryReport:
     """Reconcile the tasks this hub just claimed from hubs whose leases expired, against
     those hubs' containers: re-attach where one still runs, else re-dispatch (or end them),
-    as a restart would. Their warm containers are removed."""
+    as a restart would. Their warm containers are removed, except those in ``keep`` (the
+    live pools' own, when the tasks are this hub's: ``Hub.resume_lost_runs``)."""
     started = time.perf_counter()
     report = RecoveryReport()
     now = time.time()
@@ -143,7 +145,7 @@ async def take_over(
         by_hub.setdefault(previous, []).append(task_id)
     for previous, task_ids in by_hub.items():
         containers = await backend.list_managed(previous)
-        by_task, pooled = _group(containers, set())
+        by_task, pooled = _group(containers, set(keep))
         spares: list[dict[str, Any]] = []
         for task_id in task_ids:
             task = await store.get_task(task_id)

@@ -160,10 +160,14 @@ class TaskRouter:
         request: dict[str, Any],
         idempotency_key: str | None = None,
         parent: Instance | None = None,
+        records: list[SealedDecision] | None = None,
     ) -> tuple[Task, bool]:
         """Accept a task or raise; returns (task, created). Nothing starts unless allowed.
 
         ``parent`` is the instance delegating this task (its child runs in its lineage).
+        ``records`` (e.g. the API decision that allowed the call) are appended with the task
+        in its one write; the list is emptied once they are written, and left as it was if
+        no task was written (the caller then writes them itself).
         """
         config = self._config()
         config.schemas.validate(TASK_SCHEMA, envelope, what="task")
@@ -220,8 +224,10 @@ class TaskRouter:
             }
             idem = (subject.id, idempotency_key, req_hash) if idempotency_key else None
             task, created = await self.store.create_task(
-                row, idem, keys_since=keys_since, decision=sealed
+                row, idem, keys_since=keys_since, decisions=[*(records or ()), sealed]
             )
+            if records:
+                records.clear()
             if created:
                 with bound(task_id=task_id, decision_id=sealed.decision_id, agent=agent.name):
                     log.info("dispatch allowed")
@@ -487,32 +493,61 @@ class TaskRouter:
                 task_id, container_id=run.handle.id, container_name=run.handle.name
             )
             return
-        if self.pool is not None:
+        if self.pool is not None and await self._place_warm(run, task, agent, sandbox, subject):
+            return
+        run.handle = await self._start_cold(task, agent, sandbox, run.instance)
+
+    async def _place_warm(
+        self, run: _Run, task: Task, agent: AgentSpec, sandbox: dict[str, Any], subject: Subject
+    ) -> bool:
+        """Take a warm container for the run, if one fits; whether it did."""
+        assert self.pool is not None and run.instance is not None
+        while True:
             # Policy first (decided at submit), then the pool: a warm container only with
             # exactly the sandbox granted.
-            run.warm = await self.pool.acquire(
+            warm = await self.pool.acquire(
                 agent,
                 sandbox,
                 owner=subject.id,
-                reuse=self._reuse.get(task_id, False),
+                reuse=self._reuse.get(task.id, False),
                 timeout_s=max(0.0, task.deadline - time.time()),
+                probe=False,
             )
-        if run.warm is None:
-            run.handle = await self._start_cold(task, agent, sandbox, run.instance)
-            return
-        # A warm container is ready: one write takes the task through dispatched to
-        # running, the instance and container with it, before the hand-off.
-        run.handle = run.warm.handle
-        await self._move(
-            task_id,
-            "running",
-            ("pending",),
-            via="dispatched",
-            instance_id=run.instance.instance_id,
-            container_id=run.handle.id,
-            container_name=run.handle.name,
-            dispatch="warm",
-        )
+            if warm is None:
+                return False
+            # One write takes the task through dispatched to running, the instance and
+            # container with it, while the container is probed: both before the hand-off.
+            moving = asyncio.ensure_future(
+                self._move(
+                    task.id,
+                    "running",
+                    ("pending",),
+                    via="dispatched",
+                    instance_id=run.instance.instance_id,
+                    container_id=warm.handle.id,
+                    container_name=warm.handle.name,
+                    dispatch="warm",
+                )
+            )
+            try:
+                alive = await self.pool.check(warm)
+            finally:
+                # Whatever the probe did, the write is not left running on its own.
+                await asyncio.wait({moving})
+            if moving.cancelled() or moving.exception() is not None:
+                if alive:  # assigned, never handed anything: it goes
+                    await self._release(warm, None)
+                moving.result()  # a cancel that ended the task meanwhile stops the run
+            if alive:
+                run.warm, run.handle = warm, warm.handle
+                return True
+            # Dead before its hand-off (the pool removed it): the task never reached it.
+            await self._move(
+                task.id,
+                "pending",
+                ("running",),
+                detail=f"warm container {warm.handle.name} did not answer: placed again",
+            )
 
     async def _execute(
         self,
@@ -570,6 +605,8 @@ class TaskRouter:
 
     async def _wind_up(self, run: _Run, task_id: str) -> None:
         """Whatever ended the run: revoke its identity, release or remove its container."""
+        # Let a caller waiting for the end answer first: the clean-up below is not theirs.
+        await asyncio.sleep(0)
         report = self._reports.pop(task_id, None)
         if report is not None and report.done() and not report.cancelled():
             report.exception()  # a result that lost the race: retrieved, not logged
@@ -898,7 +935,8 @@ class TaskRouter:
         done = self._done.get(task_id)
         if done is not None and timeout_s > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.event.wait(), timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    await done.event.wait()
             if done.task is not None:
                 return done.task
         return await self.store.get_task(task_id)
@@ -940,6 +978,10 @@ class TaskRouter:
     @property
     def running(self) -> int:
         return len(self._runners)
+
+    def drives(self, task_id: str) -> bool:
+        """Whether a runner of this router is driving ``task_id`` now."""
+        return task_id in self._runners
 
 
 _SECRETS = SecretPointers()

@@ -10,7 +10,7 @@ is acknowledged. Rows come back as plain dicts (decisions) or ``Task`` records.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from gateway.store.records import SealedDecision, Task
@@ -43,12 +43,13 @@ class TaskStore(Protocol):
         idempotency: tuple[str, str, str] | None = None,
         *,
         keys_since: str | None = None,
-        decision: SealedDecision | None = None,
+        decisions: Sequence[SealedDecision] = (),
     ) -> tuple[Task, bool]:
         """Insert a pending task (and its (subject, key, request hash)) atomically; (task,
         created). A key already used for the same request returns its task and False; for
         another request, IdempotencyConflict; one recorded before ``keys_since`` is reused.
-        ``decision`` (the one that allowed the task) is appended in the same transaction."""
+        ``decisions`` (those that allowed the call and the task) are appended, in order, in the
+        same transaction."""
 
     async def task_for_key(
         self, subject: str, key: str, request_hash: str, *, since: str | None = None

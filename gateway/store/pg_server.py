@@ -69,11 +69,7 @@ class PgServer:
                 "initdb", "-D", str(cluster.data), "-U", "gateway", "--auth=trust",
                 "-E", "UTF8", "--locale=C.UTF-8",
             )  # fmt: skip
-            options = f"-k {root} -c listen_addresses='' -p {PORT} -c max_connections=200"
-            cluster._run(
-                "pg_ctl", "-D", str(cluster.data), "-l", str(root / "server.log"),
-                "-o", options, "-w", "-t", "60", "start",
-            )  # fmt: skip
+            cluster.start_server()
             cluster._run("createdb", "-h", str(root), "-p", str(PORT), "-U", "gateway", DATABASE)
         except BaseException:
             cluster.stop()
@@ -112,6 +108,20 @@ class PgServer:
             "pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"),
             "-m", "fast", "-w", "-t", "60", "restart",
         )  # fmt: skip
+
+    def start_server(self) -> None:
+        """Start the server on the cluster's data directory (again, after ``stop_server``)."""
+        options = f"-k {self.root} -c listen_addresses='' -p {PORT} -c max_connections=200"
+        # -l: the server's output to the log, not to pipes that would never close.
+        self._run(
+            "pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"),
+            "-o", options, "-w", "-t", "60", "start",
+        )  # fmt: skip
+
+    def stop_server(self, mode: str = "fast") -> None:
+        """Stop the server and keep its data (``fast``: open connections are cut, as an
+        operator's restart would; ``immediate``: as a crash would); ``start_server`` resumes."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
 
     def stop(self) -> None:
         """Stop the server (if it runs) and remove the cluster's directory."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -58,6 +58,8 @@ _UNAVAILABLE = (
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.ReadOnlySQLTransactionError,
+    # The driver's protocol state broken by a connection cut mid-operation (asyncpg #784).
+    asyncpg.InternalClientError,
 )
 
 
@@ -152,11 +154,17 @@ class PostgresStore:
             await self.connect()
             assert self._pool is not None
             async with self._pool.acquire() as conn:
-                if not tx:
-                    yield conn
-                    return
-                async with conn.transaction(**options):
-                    yield conn
+                try:
+                    if not tx:
+                        yield conn
+                        return
+                    async with conn.transaction(**options):
+                        yield conn
+                except _UNAVAILABLE:
+                    # A connection the server cut (a restart) can be left in a state the
+                    # driver cannot use again (asyncpg #784): it goes, the pool opens another.
+                    conn.terminate()
+                    raise
         except StoreUnavailable:
             raise
         except _UNAVAILABLE as e:
@@ -215,21 +223,22 @@ class PostgresStore:
         idempotency: tuple[str, str, str] | None = None,
         *,
         keys_since: str | None = None,
-        decision: SealedDecision | None = None,
+        decisions: Sequence[SealedDecision] = (),
     ) -> tuple[Task, bool]:
         """Insert a pending task (and its idempotency key) atomically; see ``TaskStore``.
-        ``decision`` is appended to the log in the same transaction (and batched with the
+        ``decisions`` are appended to the log in the same transaction (and batched with the
         other appends of this hub)."""
-        if decision is None:
+        if not decisions:
             async with self._conn() as conn:
                 return await self._create_in(conn, row, idempotency, keys_since)
 
         async def op(conn: Any, head: list[Any]) -> tuple[Task, bool]:
             created = await self._create_in(conn, row, idempotency, keys_since)
-            await _append_in(conn, head, decision.seal)
+            for sealed in decisions:
+                await _append_in(conn, head, sealed.seal)
             return created
 
-        return await self._chained(op, decision.genesis)  # type: ignore[no-any-return]
+        return await self._chained(op, decisions[0].genesis)  # type: ignore[no-any-return]
 
     async def _create_in(
         self,

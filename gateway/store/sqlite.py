@@ -22,7 +22,7 @@ import queue
 import sqlite3
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -262,20 +262,21 @@ class Store:
         idempotency: tuple[str, str, str] | None = None,
         *,
         keys_since: str | None = None,
-        decision: SealedDecision | None = None,
+        decisions: Sequence[SealedDecision] = (),
     ) -> tuple[Task, bool]:
         """Insert a pending task (and its idempotency key) atomically.
 
         Returns (task, created). With an idempotency key already used for the same request,
         returns the original task and False; for a different request, IdempotencyConflict.
         A key recorded before ``keys_since`` (RFC 3339) has expired: it is used afresh.
-        ``decision``, the record of the decision that allowed the task, is appended in the
-        same transaction: the task exists only if its decision is logged, with one commit.
+        ``decisions``, the records of the decisions that allowed the call and the task, are
+        appended in the same transaction: the task exists only if they are logged, with one
+        commit.
         """
 
         def tx(db: sqlite_utils.Database) -> tuple[Task, bool]:
-            if decision is not None:
-                _append_decision(db, decision.seal, decision.genesis)
+            for sealed in decisions:
+                _append_decision(db, sealed.seal, sealed.genesis)
             if idempotency is not None:
                 existing = _task_of_key(db, *idempotency, since=keys_since)
                 if existing is not None:

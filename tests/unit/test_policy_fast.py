@@ -62,13 +62,15 @@ def test_shipped_policies_answer_exactly_like_the_engine() -> None:
     assert policy.fast is not None and policy.fast.answered > 0
 
 
-def test_shipped_dispatch_conflict_is_left_to_the_engine() -> None:
-    # An agent with two restricted capabilities: restricted_sandbox takes two values. The
-    # Engine raises (a deny); measured, the Rvm answers allow with one of the sandboxes.
+def test_shipped_dispatch_refuses_two_restricted_capabilities_on_the_fast_path() -> None:
+    # restricted_sandbox once took two values for an agent with two restricted capabilities
+    # (the Engine raised, the Rvm allowed one sandbox); the policy now refuses such an agent
+    # with a reason, so the rule has one value and every shipped query runs compiled.
     config = shipped()
     policy = config.policy
     assert policy.fast is not None
-    assert "restricted_sandbox" in policy.fast.excluded[DISPATCH_QUERY]
+    assert policy.fast.excluded == {}
+    assert all(policy.fast.on(q) for q in HUB_QUERIES)
     caps = ["code.eval", "debug.probe"]
     policy_input = {
         "subject": {"id": "dave", "roles": ["user", "developer"]},
@@ -77,8 +79,10 @@ def test_shipped_dispatch_conflict_is_left_to_the_engine() -> None:
         "request": {"method": "POST", "path": "/v1/tasks"},
     }
     decision = policy.evaluate(DISPATCH_QUERY, policy_input)
-    assert decision.allow is False
-    assert "multiple outputs" in decision.reasons[0]
+    assert decision.allow is False and decision.error is None
+    assert any("at most one restricted capability" in r for r in decision.reasons)
+    one = {**policy_input, "agent": config.registry.get("calc").to_json()}
+    assert policy.evaluate(DISPATCH_QUERY, one).allow is True
 
 
 def test_undefined_assignment_is_guarded(tmp_path: Path) -> None:

@@ -266,7 +266,7 @@ async def test_two_hubs_appending_decisions_form_one_chain(pg_target: str) -> No
                 agent="echo",
                 task_id=f"c{n}",
             )
-            await hubs[n % 2].create_task(task_row(f"c{n}"), decision=sealed)
+            await hubs[n % 2].create_task(task_row(f"c{n}"), decisions=[sealed])
 
         await asyncio.gather(*(record(n) for n in range(120)), *(create(n) for n in range(40)))
         for log in logs:  # the existing verifier, from either hub
