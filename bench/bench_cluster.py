@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp
 import asyncpg
 import docker
+import docker.errors
 
 from bench._stats import report, summary
 from gateway.identity.apikeys import KeyStore
@@ -181,11 +182,19 @@ def cleanup(hubs: list[Hub]) -> list[str]:
 
     for hub in hubs:
         hub.stop()
-    api = docker.from_env(version="auto").api
-    left: list[str] = []
-    for hub in hubs:
-        left += cleanup_hub(api, hub.hub_id, hub.networks)
-    return left
+    # The engine may be restarting under someone else's test: wait for it, a minute at most.
+    for attempt in range(60):
+        try:
+            api = docker.from_env(version="auto").api
+            left: list[str] = []
+            for hub in hubs:
+                left += cleanup_hub(api, hub.hub_id, hub.networks)
+            return left
+        except docker.errors.DockerException:
+            if attempt == 59:
+                raise
+            time.sleep(1)
+    return []
 
 
 class Client:
@@ -545,10 +554,12 @@ def main() -> None:
                 print(f"--- {hub.name} ({hub.hub_id}) log tail:\n{hub.log.read_text()[-2500:]}")
         raise
     finally:
-        left = cleanup(hubs)
-        if pg is not None:
-            pg.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            left = cleanup(hubs)
+        finally:
+            if pg is not None:
+                pg.stop()
+            shutil.rmtree(tmp, ignore_errors=True)
     if left:
         print(f"containers left after the hubs stopped (removed now): {left}")
     figures["containers_left_after_stop"] = len(left)

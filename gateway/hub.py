@@ -520,22 +520,23 @@ class Hub:
                 if tables is not None
                 else self.store.active_task_ids()
             )
+            unrun = {task_id for task_id in mine if not self.router.drives(task_id)}
+            lost, self._unrun = sorted(unrun & self._unrun), unrun - self._unrun
+            if lost:
+                log.warning("resuming tasks no runner drives", extra={"tasks": len(lost)})
+                await take_over(
+                    [(task_id, self.hub_id) for task_id in lost],
+                    router=self.router,
+                    backend=self.backend,
+                    store=self.store,
+                    registry=self._config.registry,
+                    settings=self.settings.recovery,
+                    keep={*self.tools.pool.container_ids(), *self.pools.owned()},
+                )
         except StoreUnavailable as e:
+            # Gone again: the tasks not resumed yet are still without a runner next time.
             self.modes.set_cause(STORE, e.message)
             return []
-        unrun = {task_id for task_id in mine if not self.router.drives(task_id)}
-        lost, self._unrun = sorted(unrun & self._unrun), unrun - self._unrun
-        if lost:
-            log.warning("resuming tasks no runner drives", extra={"tasks": len(lost)})
-            await take_over(
-                [(task_id, self.hub_id) for task_id in lost],
-                router=self.router,
-                backend=self.backend,
-                store=self.store,
-                registry=self._config.registry,
-                settings=self.settings.recovery,
-                keep={*self.tools.pool.container_ids(), *self.pools.owned()},
-            )
         return lost
 
     async def record_revisions(self) -> None:

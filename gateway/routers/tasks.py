@@ -40,6 +40,7 @@ from gateway.errors import (
     InvalidState,
     PolicyDenied,
     SchemaViolation,
+    StoreUnavailable,
 )
 from gateway.identity.apikeys import Subject
 from gateway.identity.service import SVID_ENV
@@ -437,6 +438,11 @@ class TaskRouter:
                 raise
             except _EndedElsewhere:
                 self._signal(task_id)  # another hub recorded the reported result
+            except StoreUnavailable as e:
+                # A step (or the end) could not be recorded: failing the task for it would
+                # lose an accepted task to an outage. It stays as it is, without a runner,
+                # and the hub reconciles it once the store answers (Hub.resume_lost_runs).
+                log.warning("task runner stopped: store unavailable", extra={"error": e.message})
             except GatewayError as e:
                 await self._finish(task_id, "failed", error=e.to_json()["error"])
             except Exception as e:
