@@ -224,6 +224,11 @@ class Degraded(GatewayError):
     code, status = "degraded", 503
 
 
+class AgentUnreachable(AgentUnavailable):
+    """No connection to the agent could be made: nothing was sent to it (so a task may be
+    placed elsewhere without running twice)."""
+
+
 class AgentTimeout(GatewayError):
     code, status = "agent_timeout", 504
 

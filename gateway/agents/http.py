@@ -15,7 +15,10 @@ import aiohttp
 
 from gateway.agents.base import MAX_REPLY_BYTES, Accepted, AgentReplyError
 from gateway.containers.backend import ContainerHandle
-from gateway.errors import AgentTimeout, AgentUnavailable
+from gateway.errors import AgentTimeout, AgentUnavailable, AgentUnreachable
+
+# How long connecting to an agent may take (a live one on the local network: well under 1 ms).
+CONNECT_TIMEOUT_S = 1.0
 
 
 class AgentClient:
@@ -62,7 +65,8 @@ class AgentClient:
             async with self.session.post(
                 handle.base_url + path,
                 json=body,
-                timeout=aiohttp.ClientTimeout(total=timeout_s),
+                # A container that is gone does not refuse: its address just stops answering.
+                timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=CONNECT_TIMEOUT_S),
             ) as resp:
                 raw = await resp.content.read(MAX_REPLY_BYTES + 1)
                 if len(raw) > MAX_REPLY_BYTES:
@@ -86,6 +90,8 @@ class AgentClient:
                         agent_error=err,
                     )
                 return payload
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+            raise AgentUnreachable(f"agent {handle.name} unreachable: {e}") from e
         except TimeoutError as e:
             raise AgentTimeout(
                 f"agent {handle.name} did not answer within {timeout_s:.1f} s"

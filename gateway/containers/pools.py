@@ -106,8 +106,10 @@ class PoolOptions:
     starts_per_tick: int = 2
     interval_s: float = 0.5
     # How often an idle container's /health is probed again, and how long a probe may take.
-    check_s: float = 2.0
+    check_s: float = 1.0
     check_timeout_s: float = 0.5
+    # An assigned container that answered its probe this recently is handed the task unprobed.
+    fresh_s: float = 1.0
 
 
 @dataclass
@@ -231,7 +233,12 @@ class WarmPools:
 
     async def check(self, w: Warm) -> bool:
         """Probe an assigned container before its hand-off: True (a hit) if it answers;
-        else it is removed, never handed out, and the caller places the task again."""
+        else it is removed, never handed out, and the caller places the task again. One that
+        answered within ``fresh_s`` is not probed again: a hand-off that then cannot connect
+        places the task again all the same (nothing reached the container)."""
+        if time.monotonic() - w.checked < self.options.fresh_s:
+            self._count(w.agent, hit=True)
+            return True
         alive = await self._alive(w)
         if alive:
             self._count(w.agent, hit=True)

@@ -32,6 +32,7 @@ from gateway.decisionlog.masking import SecretPointers
 from gateway.decisionlog.sink import DecisionSink
 from gateway.errors import (
     AgentTimeout,
+    AgentUnreachable,
     BadRequest,
     Degraded,
     GatewayError,
@@ -85,6 +86,10 @@ class _Run:
     handle: ContainerHandle | None = None
     warm: Warm | None = None
     keep_for: str | None = None  # the owner a reusable warm container goes back to
+
+
+class _PlaceAgain(Exception):
+    """The run's warm container could not be reached before the hand-off: place it again."""
 
 
 class _EndedElsewhere(Exception):
@@ -423,8 +428,12 @@ class TaskRouter:
                     # holds a slot and waits for it: neither waits for the subject's quota.
                     bypass = attach_to is not None or task.parent_id is not None
                     async with self.quotas.slot(task_id, subject, self._slots, bypass=bypass):
-                        await self._place(run, task, agent, sandbox, attach_to, subject, lineage)
-                        await self._execute(run, task, agent, attach_to, subject, start)
+                        while True:
+                            await self._place(
+                                run, task, agent, sandbox, attach_to, subject, lineage
+                            )
+                            if await self._executed(run, task, agent, attach_to, subject, start):
+                                break  # else its warm container was gone: another, or cold
             except (TimeoutError, AgentTimeout):
                 # Either clock may fire first (the task's deadline, or the HTTP read timeout
                 # set to the same deadline); both mean the agent ran out of time.
@@ -593,10 +602,46 @@ class TaskRouter:
         else:
             # A warm container had no identity: its token comes with the task.
             svid = instance.env.get(SVID_ENV) if run.warm is not None else None
-            reply = await self._hand_over(task, agent, handle, svid=svid)
+            try:
+                reply = await self._hand_over(task, agent, handle, svid=svid)
+            except AgentUnreachable:
+                if run.warm is None:
+                    raise
+                await self._replace_warm(run, task)
+                raise _PlaceAgain from None
         succeeded = await self._complete(task_id, agent, reply)
         if run.warm is not None and succeeded and self._reuse.get(task_id):
             run.keep_for = subject.id
+
+    async def _executed(
+        self,
+        run: _Run,
+        task: Task,
+        agent: AgentSpec,
+        attach_to: str | None,
+        subject: Subject,
+        start: float,
+    ) -> bool:
+        """``_execute``; False when the run must be placed again (see ``_replace_warm``)."""
+        try:
+            await self._execute(run, task, agent, attach_to, subject, start)
+        except _PlaceAgain:
+            return False
+        return True
+
+    async def _replace_warm(self, run: _Run, task: Task) -> None:
+        """A warm container unprobed (fresh) turned out gone: the task never reached it.
+        It is removed and the task goes back to pending, to be placed again."""
+        assert run.warm is not None
+        gone, run.warm, run.handle = run.warm, None, None
+        self._reports.pop(task.id, None)
+        await self._release(gone, None)
+        await self._move(
+            task.id,
+            "pending",
+            ("running",),
+            detail=f"warm container {gone.handle.name} did not answer: placed again",
+        )
 
     async def _abandon(self, run: _Run, task_id: str) -> None:
         """A cancelled run. By cancel() (which recorded the state) its container goes; by

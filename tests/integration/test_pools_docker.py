@@ -6,6 +6,7 @@ container killed while idle, and the engine stopping under a full pool."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import secrets
 import time
@@ -347,3 +348,24 @@ async def test_the_engine_stopping_under_a_full_pool(
     assert task["state"] == "succeeded", task
     assert task["dispatch"] == "warm"
     assert "orphan_container" not in hub.alerts.active
+
+
+async def test_a_fresh_warm_container_gone_before_its_hand_off_is_replaced(
+    pool_hub: Any, keys: dict[str, str], docker_api: docker.APIClient
+) -> None:
+    """A container probed within ``fresh_s`` is handed the task unprobed; if it died in
+    between, the hand-off cannot connect, nothing reached it, and the task is placed again
+    (another warm container) instead of failing."""
+    client = await pool_hub("    pool: {min: 2, max: 2}\n")
+    pools = client.app[HUB].pools
+    await until(lambda: idle(client) == 2)
+    pools.options = dataclasses.replace(pools.options, fresh_s=600.0, check_s=600.0)
+    first, second = list(pools._warm)
+    docker_api.kill(first)
+    task = await run(client, keys["user"], {"n": 1})
+    assert task["state"] == "succeeded", task
+    assert task["dispatch"] == "warm" and task["container"]["id"] == second
+    details = [e.get("detail") or "" for e in task["history"]]
+    assert any("did not answer: placed again" in d for d in details), task["history"]
+    assert [e["state"] for e in task["history"]].count("succeeded") == 1
+    await until(lambda: not exists(docker_api, first))
