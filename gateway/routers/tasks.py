@@ -38,6 +38,7 @@ from gateway.errors import (
     GatewayError,
     GuardrailUnenforceable,
     GuardrailViolation,
+    IdempotencyConflict,
     InvalidState,
     PolicyDenied,
     SchemaViolation,
@@ -229,9 +230,15 @@ class TaskRouter:
                 "parent_id": parent.task_id if parent else None,
             }
             idem = (subject.id, idempotency_key, req_hash) if idempotency_key else None
-            task, created = await self.store.create_task(
-                row, idem, keys_since=keys_since, decisions=[*(records or ()), sealed]
-            )
+            try:
+                task, created = await self.store.create_task(
+                    row, idem, keys_since=keys_since, decisions=[*(records or ()), sealed]
+                )
+            except IdempotencyConflict:
+                # Nothing was written (the transaction rolled back): the decision was made
+                # all the same, and the log has every decision.
+                await self.decisions.append(sealed)
+                raise
             if records:
                 records.clear()
             if created:

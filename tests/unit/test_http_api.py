@@ -279,6 +279,14 @@ async def test_idempotency_key_replays_and_conflicts(fake_hub: Any, keys: dict[s
     other = await client.post("/v1/tasks", json={**ECHO, "input": {"other": 1}}, headers=headers)
     assert other.status == 409
     assert (await other.json())["error"]["code"] == "idempotency_conflict"
+    # Each of the three calls was allowed and logged, whether its record went in with a new
+    # task (the first) or on its own (the replay, the conflict); one dispatch decision.
+    hub = client.app[HUB]
+    api, _ = await hub.decisions.list(kind="api", limit=50)
+    posts = [d for d in api if d["input"]["request"]["method"] == "POST"]
+    assert len(posts) == 3 and all(d["result"]["allow"] for d in posts)
+    dispatch, _ = await hub.decisions.list(kind="dispatch", limit=50)
+    assert len(dispatch) == 1 and (await hub.decisions.verify()).ok
 
 
 async def test_tasks_are_private_to_their_subject(fake_hub: Any, keys: dict[str, str]) -> None:
