@@ -619,6 +619,9 @@ class TaskRouter:
         succeeded = await self._complete(task_id, agent, reply)
         if run.warm is not None and succeeded and self._reuse.get(task_id):
             run.keep_for = subject.id
+        # Let a caller waiting for the end answer before the clean-up, which is not theirs
+        # (here, not in the clean-up: a cancel during this yield still winds the run up).
+        await asyncio.sleep(0)
 
     async def _executed(
         self,
@@ -663,8 +666,6 @@ class TaskRouter:
 
     async def _wind_up(self, run: _Run, task_id: str) -> None:
         """Whatever ended the run: revoke its identity, release or remove its container."""
-        # Let a caller waiting for the end answer first: the clean-up below is not theirs.
-        await asyncio.sleep(0)
         report = self._reports.pop(task_id, None)
         if report is not None and report.done() and not report.cancelled():
             report.exception()  # a result that lost the race: retrieved, not logged
