@@ -3,10 +3,13 @@
 In one run, against a real hub on loopback (schema, policy, decision log, store) and the
 local engine:
 
-- warm: ``POST /v1/tasks?wait=`` with ``pool: {min: 4}`` on echo, the pool refilled between
-  runs (submit to result);
+- warm: ``POST /v1/tasks?wait=`` with ``pool: {min: 4}`` on echo, one task per container
+  (submit to result), each run starting with the pool refilled and the last task's container
+  removed;
 - direct floor: the same task POSTed by the same HTTP client straight to an echo container
-  that already runs (built by the same guardrails);
+  that already runs (one of the pool's, taken out of it), starting from the same state;
+- reused: ``reuse: true`` (the shipped policy allows it for echo), the same owner's tasks
+  back to back in one kept container, alternating with the direct call, nothing in between;
 - cold: the same submission with the pool switched off;
 - engine floor for cold: create, start, ``/health`` until it answers and ``POST /task``
   through the hub's own persistent Docker client and agent client, clock stopped at the
@@ -38,7 +41,7 @@ import docker
 from aiohttp import web
 
 from bench._stats import report, summary
-from gateway.containers.pools import PoolSpec, warm_sandbox
+from gateway.containers.pools import fingerprint, warm_sandbox
 from gateway.http.app import HUB, create_app
 from gateway.identity.apikeys import KeyStore
 from gateway.settings import REPO_ROOT, Settings
@@ -89,26 +92,49 @@ async def main() -> None:
         hub = app[HUB]
         pools = hub.pools
         url = f"http://127.0.0.1:{settings.port}/v1/tasks?wait=60"
-        figures: dict[str, list[float]] = {k: [] for k in ("warm", "direct", "cold", "floor")}
+        figures: dict[str, list[float]] = {
+            k: [] for k in ("warm", "direct", "cold", "floor", "reused", "direct_b2b")
+        }
         direct = None
         try:
             async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
 
-                async def via_hub(expect: str) -> float:
+                async def via_hub(expect: str | None) -> float:
                     start = time.perf_counter()
                     async with http.post(url, json={"agent": "echo", "input": INPUT}) as resp:
                         body = await resp.json()
                     elapsed = time.perf_counter() - start
-                    if body.get("state") != "succeeded" or body.get("dispatch") != expect:
+                    if body.get("state") != "succeeded" or expect not in (None, body["dispatch"]):
                         raise SystemExit(f"hub task not {expect}: {body}")
                     return elapsed
 
                 agent = hub.config.registry.agents["echo"]
+
+                def full() -> bool:
+                    return pools._sizes("echo")["idle"] >= POOL_MIN
+
+                def quiet() -> bool:
+                    # Full with containers of the current entry, nothing warming, draining
+                    # or being removed: no engine work under the measured call.
+                    current = fingerprint(hub.config.registry.agents["echo"])
+                    mine = [w for w in pools._warm.values() if w.agent == "echo"]
+                    return (
+                        full()
+                        and all(w.fingerprint == current for w in mine)
+                        and not pools._sizes("echo")["warming"]
+                        and not pools._jobs
+                        and not hub.router._removals
+                    )
+
                 sandbox = warm_sandbox(agent)
-                spec = pools._spec(agent, PoolSpec.of(agent))
-                direct = await hub.backend.start(spec)
-                await hub.agents.wait_ready(direct, 20)
-                direct_url = direct.base_url + "/task"
+                # The floor's container is one of the pool's, taken out of it: built by the
+                # same guardrails, probed, and known to the pool (so no scan removes it).
+                await until(full)
+                direct = await pools.acquire(
+                    agent, sandbox, owner="bench-direct", reuse=False, timeout_s=30
+                )
+                assert direct is not None
+                direct_url = direct.handle.base_url + "/task"
 
                 async def straight() -> float:
                     body = {"task_id": str(uuid.uuid4()), "input": INPUT}
@@ -132,15 +158,14 @@ async def main() -> None:
                     await hub.backend.remove(handle.id)
                     return elapsed
 
-                def full() -> bool:
-                    return pools._sizes("echo")["idle"] >= POOL_MIN
-
                 await until(full)
                 await via_hub("warm")  # warm-up: connections, caches
                 await straight()
                 for _ in range(RUNS):
-                    await until(full)
+                    # Each side starts alike: the pool full, the last container removed.
+                    await until(quiet)
                     figures["warm"].append(await via_hub("warm"))
+                    await until(quiet)
                     figures["direct"].append(await straight())
                 hub.router.pool = None  # the same hub, no pool: every dispatch cold
                 await via_hub("cold")
@@ -167,9 +192,28 @@ async def main() -> None:
                 began = time.perf_counter()
                 await asyncio.gather(*(caller() for _ in range(callers)))
                 sustained = n / (time.perf_counter() - began)
+
+                # Reuse (agents.yaml ``reuse: true``, which the shipped policy allows for echo):
+                # the same owner's tasks back to back in one container, alternating with the
+                # direct call, neither side waiting in between.
+                agents.write_text(
+                    text.replace(
+                        ECHO, ECHO + f"    pool: {{min: {POOL_MIN}, max: 8}}\n    reuse: true\n"
+                    )
+                )
+                await hub.reload()
+                agent = hub.config.registry.agents["echo"]
+                assert agent.reuse
+                await until(quiet)
+                for _ in range(3):  # the first takes a container (warm or cold), then kept
+                    await via_hub(None)
+                    await straight()
+                for _ in range(RUNS):
+                    figures["reused"].append(await via_hub("warm"))
+                    figures["direct_b2b"].append(await straight())
         finally:
             if direct is not None:
-                await hub.backend.remove(direct.id)
+                await pools.release(direct, owner=None)
             await runner.cleanup()
             api = docker.from_env(version="auto").api
             for name in (settings.network, settings.egress_network):
@@ -182,6 +226,9 @@ async def main() -> None:
             "warm_submit_to_result_ms": ms["warm"],
             "direct_post_to_running_ms": ms["direct"],
             "warm_overhead_p50_ms": ms["warm"]["median"] - ms["direct"]["median"],
+            "reused_submit_to_result_ms": ms["reused"],
+            "direct_back_to_back_ms": ms["direct_b2b"],
+            "reused_overhead_p50_ms": ms["reused"]["median"] - ms["direct_b2b"]["median"],
             "cold_submit_to_result_ms": ms["cold"],
             "engine_floor_ms": ms["floor"],
             "cold_ratio_vs_floor": ms["cold"]["median"] / ms["floor"]["median"],

@@ -133,15 +133,17 @@ class InstanceRegistry:
         subject: Subject,
         lineage: tuple[LineageEntry, ...] = (),
         instance_id: str | None = None,
+        fresh_id: str | None = None,
     ) -> Instance:
         """Register a starting instance and mint its identity (before the container starts).
 
         With ``instance_id`` (a container re-attached after a restart) nothing is minted: the
-        container still holds its token, which becomes valid again.
+        container still holds its token, which becomes valid again. ``fresh_id`` is the id a
+        new instance gets (minted), when the caller chose it (default: a random one).
         """
         spiffe_id, env = "", {}
         if instance_id is None:
-            instance_id = uuid.uuid4().hex
+            instance_id = fresh_id or uuid.uuid4().hex
             if self.minter is not None:
                 spiffe_id, env = self.minter.mint_env(agent, instance_id)
         inst = Instance(

@@ -132,10 +132,22 @@ class Warm:
     checking: bool = False
 
 
+# Per spec object (a registry's specs are frozen and live until the next reload): the repr
+# and hash of a whole spec cost tens of µs, twice on every warm dispatch.
+_FINGERPRINTS: dict[int, tuple[AgentSpec, str]] = {}
+
+
 def fingerprint(agent: AgentSpec) -> str:
     """What a warm container was built from: a changed entry (image, env, limits) drains."""
+    cached = _FINGERPRINTS.get(id(agent))
+    if cached is not None and cached[0] is agent:
+        return cached[1]
     same = dataclasses.replace(agent, line=0, description="", pool=agent.pool)
-    return hashlib.sha256(repr(same).encode()).hexdigest()[:16]
+    value = hashlib.sha256(repr(same).encode()).hexdigest()[:16]
+    if len(_FINGERPRINTS) >= 1024:  # specs of registries long replaced
+        _FINGERPRINTS.clear()
+    _FINGERPRINTS[id(agent)] = (agent, value)
+    return value
 
 
 def warm_sandbox(agent: AgentSpec) -> dict[str, Any]:
@@ -346,7 +358,8 @@ class WarmPools:
             w.tasks += 1
             w.owner = owner
             w.state = "idle"
-            w.idle_since = time.monotonic()
+            # It has just answered its task: as good as a /health probe.
+            w.idle_since = w.checked = time.monotonic()
             self._gauge(w.agent)
             return
         await asyncio.shield(self._drop(w))

@@ -497,33 +497,47 @@ class TaskRouter:
     ) -> None:
         """Give the run its identity and its container: re-attached, warm or cold."""
         task_id = task.id
-        # The identity exists before the container, so the container starts with its token
-        # (a re-attached one keeps its own); closing the instance revokes it.
-        if run.instance is None:
-            run.instance = self.instances.open(
-                agent=agent.name,
-                task_id=task_id,
-                subject=subject,
-                lineage=lineage,
-                instance_id=task.instance_id if attach_to else None,
-            )
         self._expect_report(task_id)
         if attach_to is not None:
+            # A re-attached container keeps its own token: the instance it names comes back.
+            if run.instance is None:
+                run.instance = self.instances.open(
+                    agent=agent.name,
+                    task_id=task_id,
+                    subject=subject,
+                    lineage=lineage,
+                    instance_id=task.instance_id,
+                )
             run.handle = await self.backend.attach(attach_to, agent.port)
             # The crash may have come before the id was recorded.
             await self.store.update_task(
                 task_id, container_id=run.handle.id, container_name=run.handle.name
             )
             return
-        if self.pool is not None and await self._place_warm(run, task, agent, sandbox, subject):
+        if self.pool is not None and await self._place_warm(
+            run, task, agent, sandbox, subject, lineage
+        ):
             return
+        # The identity exists before the container, so the container starts with its token;
+        # closing the instance revokes it.
+        if run.instance is None:
+            run.instance = self.instances.open(
+                agent=agent.name, task_id=task_id, subject=subject, lineage=lineage
+            )
         run.handle = await self._start_cold(task, agent, sandbox, run.instance)
 
     async def _place_warm(
-        self, run: _Run, task: Task, agent: AgentSpec, sandbox: dict[str, Any], subject: Subject
+        self,
+        run: _Run,
+        task: Task,
+        agent: AgentSpec,
+        sandbox: dict[str, Any],
+        subject: Subject,
+        lineage: tuple[LineageEntry, ...],
     ) -> bool:
-        """Take a warm container for the run, if one fits; whether it did."""
-        assert self.pool is not None and run.instance is not None
+        """Take a warm container for the run, if one fits; whether it did. The run's
+        identity is minted at assignment (a warm container has none before)."""
+        assert self.pool is not None
         while True:
             # Policy first (decided at submit), then the pool: a warm container only with
             # exactly the sandbox granted.
@@ -537,21 +551,37 @@ class TaskRouter:
             )
             if warm is None:
                 return False
+            instance_id = run.instance.instance_id if run.instance else uuid.uuid4().hex
             # One write takes the task through dispatched to running, the instance and
-            # container with it, while the container is probed: both before the hand-off.
+            # container with it, while the token is minted and the container probed: all
+            # before the hand-off.
             moving = asyncio.ensure_future(
                 self._move(
                     task.id,
                     "running",
                     ("pending",),
                     via="dispatched",
-                    instance_id=run.instance.instance_id,
+                    instance_id=instance_id,
                     container_id=warm.handle.id,
                     container_name=warm.handle.name,
                     dispatch="warm",
+                    # Nobody is answered on this write alone: it is committed without an
+                    # fsync of its own, and the result's commit makes it durable. A crash
+                    # before leaves the task pending, to run again (at least once, as a
+                    # crash between any hand-off and its result does).
+                    durable=False,
                 )
             )
             try:
+                await asyncio.sleep(0)  # the write is queued: it commits while this mints
+                if run.instance is None:
+                    run.instance = self.instances.open(
+                        agent=agent.name,
+                        task_id=task.id,
+                        subject=subject,
+                        lineage=lineage,
+                        fresh_id=instance_id,
+                    )
                 alive = await self.pool.check(warm)
             finally:
                 # Whatever the probe did, the write is not left running on its own.
@@ -819,10 +849,13 @@ class TaskRouter:
         allowed: tuple[str, ...],
         *,
         via: str | None = None,
+        durable: bool = True,
         **fields: Any,
     ) -> None:
         try:
-            await self.store.transition(task_id, state, allowed_from=allowed, via=via, **fields)
+            await self.store.transition(
+                task_id, state, allowed_from=allowed, via=via, durable=durable, **fields
+            )
         except InvalidState:
             # Someone (cancel) ended the task first; stop working on it.
             raise asyncio.CancelledError from None

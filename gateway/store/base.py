@@ -67,11 +67,14 @@ class TaskStore(Protocol):
         allowed_from: tuple[str, ...],
         detail: str | None = None,
         via: str | None = None,
+        durable: bool = True,
         **fields: Any,
     ) -> Task:
         """Move a task to ``state`` (through ``via`` first, if given) if it is in one of
         ``allowed_from`` (checked in the write's transaction), setting ``fields``; the task
-        with its history. InvalidState if not; UnknownTask if absent."""
+        with its history. InvalidState if not; UnknownTask if absent. ``durable`` false:
+        the commit need not be on disk when this returns (a later durable commit makes it
+        so; a crash before may lose it, never a later commit)."""
 
     async def update_task(self, task_id: str, **fields: Any) -> None:
         """Set fields that are not a state change (e.g. the container id)."""

@@ -311,6 +311,7 @@ class PostgresStore:
         allowed_from: tuple[str, ...],
         detail: str | None = None,
         via: str | None = None,
+        durable: bool = True,
         **fields: Any,
     ) -> Task:
         """Move a task to ``state`` if it is in one of ``allowed_from``; else InvalidState.
@@ -318,9 +319,12 @@ class PostgresStore:
         The row is locked (``FOR UPDATE``) before its state is read, so of concurrent
         transitions from any hub exactly one sees the state it may move from. ``via`` is a
         state passed through in the same write (its history shows both). Returns the task
-        with its history.
+        with its history. ``durable`` false: committed with ``synchronous_commit`` off (the
+        server's next flushed commit covers it).
         """
         async with self._conn() as conn:
+            if not durable:
+                await conn.execute("SET LOCAL synchronous_commit TO off")
             current = await conn.fetchrow(
                 "SELECT state FROM tasks WHERE id = $1 FOR UPDATE", task_id
             )

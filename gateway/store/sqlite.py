@@ -8,8 +8,11 @@ transaction that applies them.
 
 Durability: ``synchronous=FULL``, so a write acknowledged to its caller survives a power
 loss (NORMAL in WAL mode may lose the last commits); group commit shares each fsync among
-the writes of a batch. The state directory is 0700 and the database 0600, whatever the
-umask (SQLite gives its -wal and -shm files the database file's mode).
+the writes of a batch. A write nobody is answered on (``durable=False``: a warm task's move
+to running) may be committed without an fsync when it is alone in its batch: the next
+durable commit's fsync of the WAL covers it, and a crash before that loses it, never a later
+one (the WAL is replayed as a prefix). The state directory is 0700 and the database 0600,
+whatever the umask (SQLite gives its -wal and -shm files the database file's mode).
 """
 
 from __future__ import annotations
@@ -139,6 +142,7 @@ class Store:
         self._writer.start()
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="store-reader")
         self._closed = False
+        self.lazy_commits = 0  # batches of non-durable writes only, committed without fsync
 
     # -- plumbing
 
@@ -167,8 +171,13 @@ class Store:
 
     def _run_batch(self, db: sqlite_utils.Database, batch: list[Any]) -> None:
         # A caller cancelled before its write started: skip it (a started write commits).
-        live = [(func, fut, loop) for func, fut, loop in batch if not fut.cancelled()]
+        live = [(func, fut, loop) for func, fut, loop, _ in batch if not fut.cancelled()]
         outcomes: list[tuple[asyncio.Future[Any], asyncio.AbstractEventLoop, Any, Any]] = []
+        # One durable write in the batch makes the whole commit durable (its caller is told).
+        lazy = self._synchronous == "FULL" and not any(durable for *_, durable in batch)
+        if lazy:
+            db.conn.execute("PRAGMA synchronous=NORMAL")
+            self.lazy_commits += 1
         try:
             db.conn.execute("BEGIN IMMEDIATE")
             for func, fut, loop in live:
@@ -189,6 +198,9 @@ class Store:
             if db.conn.in_transaction:
                 db.conn.execute("ROLLBACK")
             outcomes = [(fut, loop, None, e) for _, fut, loop in live]
+        finally:
+            if lazy:
+                db.conn.execute("PRAGMA synchronous=FULL")
         # One wake-up of each waiting event loop per batch, not one per write: each costs
         # the loop a self-pipe write and read and the writer a hand-over of the GIL.
         by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
@@ -198,13 +210,14 @@ class Store:
             with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
                 loop.call_soon_threadsafe(_settle, settled)
 
-    async def write(self, func: Callable[[sqlite_utils.Database], T]) -> T:
-        """Run ``func(db)`` as one transaction on the writer thread."""
+    async def write(self, func: Callable[[sqlite_utils.Database], T], *, durable: bool = True) -> T:
+        """Run ``func(db)`` as one transaction on the writer thread; with ``durable`` false
+        it may return before the commit is on disk (see the module docstring)."""
         if self._closed:
             raise StoreUnavailable("the store is closed")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._queue.put((func, fut, loop))
+        self._queue.put((func, fut, loop, durable))
         try:
             return await fut
         except sqlite3.OperationalError as e:
@@ -346,6 +359,7 @@ class Store:
         allowed_from: tuple[str, ...],
         detail: str | None = None,
         via: str | None = None,
+        durable: bool = True,
         **fields: Any,
     ) -> Task:
         """Move a task to ``state`` if it is in one of ``allowed_from``; else InvalidState.
@@ -353,7 +367,8 @@ class Store:
         The guard runs inside the write transaction, so a task reaches a terminal state
         exactly once even when a timeout, a cancel and a result race. ``via`` is a state the
         task passes through in the same write (a warm dispatch: dispatched, then running);
-        its history shows both. Returns the task with its history.
+        its history shows both. ``durable`` false: see ``write``. Returns the task with its
+        history.
         """
 
         def tx(db: sqlite_utils.Database) -> Task:
@@ -376,7 +391,7 @@ class Store:
             assert task is not None
             return task
 
-        return await self.write(tx)
+        return await self.write(tx, durable=durable)
 
     async def update_task(self, task_id: str, **fields: Any) -> None:
         """Set fields that are not a state change (e.g. the container id)."""

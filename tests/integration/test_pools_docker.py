@@ -6,6 +6,7 @@ container killed while idle, and the engine stopping under a full pool."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -271,6 +272,13 @@ async def test_a_reload_that_changes_echo_drains_its_pool_and_refills(
     await until(lambda: not any(exists(docker_api, cid) for cid in before))
 
 
+def kill(docker_api: docker.APIClient, cid: str) -> None:
+    """SIGKILL a container and wait until it has exited (the kill call does not wait)."""
+    docker_api.kill(cid)
+    with contextlib.suppress(docker.errors.NotFound):  # exited and removed already
+        docker_api.wait(cid, timeout=10)
+
+
 async def test_a_warm_container_killed_while_idle_never_gets_a_task(
     pool_hub: Any, keys: dict[str, str], docker_api: docker.APIClient
 ) -> None:
@@ -279,7 +287,7 @@ async def test_a_warm_container_killed_while_idle_never_gets_a_task(
     await until(lambda: idle(client) == 2)
     # The container a pick takes first dies; a task comes before the periodic probe.
     first, second = list(pools._warm)
-    docker_api.kill(first)
+    kill(docker_api, first)
     task = await run(client, keys["user"], {"n": 1})
     assert task["state"] == "succeeded", task
     assert task["dispatch"] == "warm" and task["container"]["id"] == second
@@ -294,10 +302,10 @@ async def test_a_warm_container_killed_while_idle_never_gets_a_task(
     # or in one the pool warmed meanwhile while the dead ones were found out).
     killed = set(pools._warm)
     for cid in killed:
-        docker_api.kill(cid)
+        kill(docker_api, cid)
     task = await run(client, keys["user"], {"n": 2})
     assert task["state"] == "succeeded", task
-    assert task["container"]["id"] not in killed
+    assert task["container"]["id"] not in killed, task
     assert "orphan_container" not in client.app[HUB].alerts.active
 
 
@@ -363,7 +371,7 @@ async def test_a_fresh_warm_container_gone_before_its_hand_off_is_replaced(
     await until(lambda: idle(client) == 2)
     pools.options = dataclasses.replace(pools.options, fresh_s=600.0, check_s=600.0)
     first, second = list(pools._warm)
-    docker_api.kill(first)
+    kill(docker_api, first)
     task = await run(client, keys["user"], {"n": 1})
     assert task["state"] == "succeeded", task
     assert task["dispatch"] == "warm" and task["container"]["id"] == second

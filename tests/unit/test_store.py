@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,34 @@ async def test_a_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
     await store.close()
 
 
+async def test_only_a_batch_of_non_durable_writes_is_committed_without_fsync(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "db.sqlite")
+    await store.write(lambda db: db.execute("CREATE TABLE t (k INTEGER)"))
+    modes: list[int] = []
+
+    def insert(k: int) -> Any:
+        def tx(db: Any) -> None:
+            modes.append(db.execute("PRAGMA synchronous").fetchone()[0])
+            db.execute("INSERT INTO t VALUES (?)", [k])
+
+        return tx
+
+    await store.write(insert(1), durable=False)  # alone in its batch: NORMAL (1)
+    assert (modes, store.lazy_commits) == ([1], 1)
+    # Hold the writer so the next two share one batch: the durable one makes it FULL (2).
+    held = asyncio.ensure_future(store.write(lambda db: time.sleep(0.2)))
+    await asyncio.sleep(0.05)
+    both = asyncio.gather(store.write(insert(2), durable=False), store.write(insert(3)))
+    await asyncio.gather(held, both)
+    assert modes[1:] == [2, 2] and store.lazy_commits == 1
+    # And the connection is back to FULL for the writes after a lazy one.
+    await store.write(insert(4))
+    assert modes[-1] == 2
+    await store.close()
+
+
 async def test_writes_after_close_are_refused(tmp_path: Path) -> None:
     store = Store(tmp_path / "db.sqlite")
     await store.close()
@@ -92,8 +121,14 @@ async def test_a_task_moves_only_from_the_states_it_may_leave(store: TaskStore) 
         {"n": 1},
         {"network": "internal"},
     )
+    # As a warm dispatch writes it: not durable on its own (the next durable commit is).
     moved = await store.transition(
-        "t1", "running", allowed_from=("pending",), via="dispatched", container_id="c1"
+        "t1",
+        "running",
+        allowed_from=("pending",),
+        via="dispatched",
+        durable=False,
+        container_id="c1",
     )
     assert (moved.state, moved.container_id) == ("running", "c1")
     assert [e.state for e in moved.history or ()] == ["pending", "dispatched", "running"]
