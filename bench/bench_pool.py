@@ -62,7 +62,7 @@ async def until(check, within_s: float = 60) -> None:  # type: ignore[no-untyped
     deadline = time.monotonic() + within_s
     while not check():
         if time.monotonic() > deadline:
-            raise SystemExit("pool did not fill")
+            raise SystemExit(f"pool did not settle ({getattr(check, '__name__', '')})")
         await asyncio.sleep(0.01)
 
 
@@ -117,10 +117,10 @@ async def main() -> None:
                     # Full with containers of the current entry, nothing warming, draining
                     # or being removed: no engine work under the measured call.
                     current = fingerprint(hub.config.registry.agents["echo"])
-                    mine = [w for w in pools._warm.values() if w.agent == "echo"]
+                    idle = [w for w in pools._warm.values() if w.state == "idle"]
                     return (
                         full()
-                        and all(w.fingerprint == current for w in mine)
+                        and all(w.fingerprint == current for w in idle)
                         and not pools._sizes("echo")["warming"]
                         and not pools._jobs
                         and not hub.router._removals
