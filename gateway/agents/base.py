@@ -8,13 +8,24 @@ can use either.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gateway.containers.backend import ContainerHandle
+from gateway.containers.backend import CONTAINER_HEADER, ContainerHandle
 from gateway.errors import AgentError
 
 MAX_REPLY_BYTES = 8 * 1024 * 1024
+# What an agent answers when the hub's CONTAINER_HEADER names another container: the address
+# now belongs to a container that is not the one meant (nothing was run).
+MISDIRECTED = 421
+_HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
+
+
+def container_headers(handle: ContainerHandle) -> dict[str, str]:
+    """The header naming the container the hub means (none when its hostname is unknown)."""
+    host = handle.hostname
+    return {CONTAINER_HEADER: host} if host and _HOSTNAME.fullmatch(host) else {}
 
 
 class AgentReplyError(AgentError):

@@ -13,7 +13,13 @@ from typing import Any
 
 import aiohttp
 
-from gateway.agents.base import MAX_REPLY_BYTES, Accepted, AgentReplyError
+from gateway.agents.base import (
+    MAX_REPLY_BYTES,
+    MISDIRECTED,
+    Accepted,
+    AgentReplyError,
+    container_headers,
+)
 from gateway.containers.backend import ContainerHandle
 from gateway.errors import AgentTimeout, AgentUnavailable, AgentUnreachable
 
@@ -45,10 +51,13 @@ class AgentClient:
         """Poll ``GET /health`` until it answers 200 or ``timeout_s`` passes."""
         deadline = time.monotonic() + timeout_s
         url = handle.base_url + "/health"
+        headers = container_headers(handle)
         last: str = "no answer"
         while time.monotonic() < deadline:
             try:
-                async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
+                async with self.session.get(
+                    url, headers=headers, timeout=aiohttp.ClientTimeout(total=1)
+                ) as resp:
                     if resp.status == 200:
                         return
                     last = f"HTTP {resp.status}"
@@ -65,6 +74,7 @@ class AgentClient:
             async with self.session.post(
                 handle.base_url + path,
                 json=body,
+                headers=container_headers(handle),
                 # A container that is gone does not refuse: its address just stops answering.
                 timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=CONNECT_TIMEOUT_S),
             ) as resp:
@@ -79,6 +89,11 @@ class AgentClient:
                     raise AgentReplyError(
                         f"agent replied with non-JSON (HTTP {resp.status})", status=resp.status
                     ) from None
+                if resp.status == MISDIRECTED:
+                    # Another container has this address now: the task never reached its own.
+                    raise AgentUnreachable(
+                        f"agent {handle.name} is gone: another container answers at its address"
+                    )
                 if resp.status == 202:
                     return Accepted(payload)
                 if resp.status != 200:

@@ -15,7 +15,13 @@ import contextlib
 import json
 from typing import Any
 
-from gateway.agents.base import MAX_REPLY_BYTES, Accepted, AgentReplyError
+from gateway.agents.base import (
+    MAX_REPLY_BYTES,
+    MISDIRECTED,
+    Accepted,
+    AgentReplyError,
+    container_headers,
+)
 from gateway.containers.backend import ContainerHandle
 from gateway.errors import AgentTimeout, AgentUnavailable
 
@@ -41,8 +47,9 @@ class AgentWire:
     ) -> Any:
         """POST JSON; return the decoded body of a 200, or Accepted for a 202."""
         data = json.dumps(body, separators=(",", ":")).encode()
+        extra = "".join(f"{k}: {v}\r\n" for k, v in container_headers(handle).items())
         head = (
-            f"POST {path} HTTP/1.1\r\nHost: {handle.address}:{handle.port}\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {handle.address}:{handle.port}\r\n{extra}"
             f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
         ).encode()
         key = (handle.address, handle.port)
@@ -73,6 +80,10 @@ class AgentWire:
             ) from e
         except (OSError, asyncio.IncompleteReadError, ValueError) as e:
             raise AgentUnavailable(f"agent {handle.name} unreachable: {e}") from e
+        if status == MISDIRECTED:
+            raise AgentUnavailable(
+                f"agent {handle.name} is gone: another container has its address"
+            )
         return _decode(status, raw)
 
     async def _acquire(self, key: tuple[str, int]) -> tuple[Conn, bool]:

@@ -59,6 +59,11 @@ class ContainerSpec:
     accepted_equivalents: frozenset[str] = frozenset()
 
 
+# Sent to agents with the hostname of the container the hub means; the SDK answers 421 when
+# it is not its own (gateway.sdk.agent), and the hub then treats it as unreachable.
+CONTAINER_HEADER = "X-Gateway-Container"
+
+
 @dataclass(frozen=True)
 class ContainerHandle:
     """A started container and the address the hub reaches it at."""
@@ -67,6 +72,10 @@ class ContainerHandle:
     name: str
     address: str
     port: int
+    # The container's own hostname, sent with every probe and hand-off (CONTAINER_HEADER):
+    # an address the engine gave to another container after this one died must not take
+    # its task. None where the backend cannot know it (then nothing is checked).
+    hostname: str | None = None
 
     @property
     def base_url(self) -> str:

@@ -283,7 +283,13 @@ class DockerBackend:
                 attached.close()
             c.remove_container(cid, force=True)
             raise
-        handle = ContainerHandle(id=cid, name=spec.name, address=address, port=spec.port)
+        handle = ContainerHandle(
+            id=cid,
+            name=spec.name,
+            address=address,
+            port=spec.port,
+            hostname=(info.get("Config") or {}).get("Hostname") or None,
+        )
         return handle, attached
 
     async def attach(self, container_id: str, port: int) -> ContainerHandle:
@@ -296,7 +302,11 @@ class DockerBackend:
             if not address:
                 raise AgentUnavailable(f"container {container_id[:12]} has no address")
             return ContainerHandle(
-                id=info["Id"], name=info["Name"].lstrip("/"), address=address, port=port
+                id=info["Id"],
+                name=info["Name"].lstrip("/"),
+                address=address,
+                port=port,
+                hostname=(info.get("Config") or {}).get("Hostname") or None,
             )
 
         return await self._call("attach", run)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -41,6 +42,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from gateway.sdk.client import GatewayClient, HubError
+
+# The header the hub names the container it means with (its hostname); must equal
+# gateway.containers.backend.CONTAINER_HEADER (the SDK imports nothing of the hub).
+CONTAINER_HEADER = "X-Gateway-Container"
 
 MAX_BODY = 8 * 1024 * 1024
 # How long a result is offered to the hub when the task came without a deadline.
@@ -290,8 +295,32 @@ def _call(func: Callable[[], dict[str, Any]]) -> tuple[int, dict[str, Any]]:
         return 500, _error("agent_exception", f"{type(e).__name__}: {e}")
 
 
+class _JsonHandler(BaseHTTPRequestHandler):
+    """JSON answers, and the refusal of a request meant for another container."""
+
+    def _send(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _misdirected(self) -> bool:
+        # The hub names the container it means; another one may have been given this
+        # address after that one died. Answering would run someone else's task here.
+        meant = self.headers.get(CONTAINER_HEADER)
+        if meant is None or meant == socket.gethostname():
+            return False
+        self.close_connection = True
+        self._send(421, _error("misdirected", f"this is not container {meant[:64]}"))
+        return True
+
+
 def _make_handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(_JsonHandler):
         protocol_version = "HTTP/1.1"
         server_version = "agent-gateway-sdk"
         # Headers and body go out in two writes: without TCP_NODELAY the second waits for
@@ -301,15 +330,9 @@ def _make_handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:
             pass  # the hub logs every task; per-request lines here are noise
 
-        def _send(self, status: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
         def do_GET(self) -> None:
+            if self._misdirected():
+                return
             if self.path == "/health":
                 self._send(200, {"status": "ok", "agent": agent.name})
             else:
@@ -326,6 +349,8 @@ def _make_handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
                     raise ValueError("body is not an object")
             except ValueError as e:
                 self._send(400, _error("malformed_json", str(e)))
+                return
+            if self._misdirected():
                 return
             if self.path == "/task":
                 self._send(*agent.handle_task(body))

@@ -20,6 +20,7 @@ import docker
 import pytest
 
 from gateway.containers.backend import LABEL_POOL, LABEL_TASK
+from gateway.errors import AgentUnreachable
 from gateway.http.agent_app import start_listeners
 from gateway.http.app import HUB
 from tests.conftest import auth, make_settings
@@ -305,7 +306,7 @@ async def test_a_warm_container_killed_while_idle_never_gets_a_task(
         kill(docker_api, cid)
     task = await run(client, keys["user"], {"n": 2})
     assert task["state"] == "succeeded", task
-    assert task["container"]["id"] not in killed, task
+    assert task["container"]["id"] not in killed, (task["dispatch"], task["history"])
     assert "orphan_container" not in client.app[HUB].alerts.active
 
 
@@ -379,3 +380,22 @@ async def test_a_fresh_warm_container_gone_before_its_hand_off_is_replaced(
     assert any("did not answer: placed again" in d for d in details), task["history"]
     assert [e["state"] for e in task["history"]].count("succeeded") == 1
     await until(lambda: not exists(docker_api, first))
+
+
+async def test_a_hand_off_reaching_another_container_is_refused(
+    pool_hub: Any, keys: dict[str, str], docker_api: docker.APIClient
+) -> None:
+    """The engine may give a dead container's address to a new one: the hub names the
+    container it means (its hostname), and the real image's SDK refuses another's task."""
+    client = await pool_hub("    pool: {min: 2, max: 2}\n")
+    hub = client.app[HUB]
+    await until(lambda: idle(client) == 2)
+    meant, other = (w.handle for w in hub.pools._warm.values())
+    assert meant.hostname == docker_api.inspect_container(meant.id)["Config"]["Hostname"]
+    # `other`'s address, as if `meant` had died and `other` had been given its address.
+    moved = dataclasses.replace(other, hostname=meant.hostname)
+    with pytest.raises(AgentUnreachable):
+        await hub.agents.post(moved, "/task", {"task_id": "t-misdirected", "input": {}}, 5)
+    await hub.agents.wait_ready(other, 5)  # its own name: it answers
+    task = await run(client, keys["user"], {"n": 1})
+    assert task["state"] == "succeeded" and task["dispatch"] == "warm", task
