@@ -78,6 +78,11 @@ class AgentClient:
                 # A container that is gone does not refuse: its address just stops answering.
                 timeout=aiohttp.ClientTimeout(total=timeout_s, sock_connect=CONNECT_TIMEOUT_S),
             ) as resp:
+                if resp.status == MISDIRECTED:
+                    # Another container has this address now: the task never reached its own.
+                    raise AgentUnreachable(
+                        f"agent {handle.name} is gone: another container answers at its address"
+                    )
                 raw = await resp.content.read(MAX_REPLY_BYTES + 1)
                 if len(raw) > MAX_REPLY_BYTES:
                     raise AgentReplyError(
@@ -89,11 +94,6 @@ class AgentClient:
                     raise AgentReplyError(
                         f"agent replied with non-JSON (HTTP {resp.status})", status=resp.status
                     ) from None
-                if resp.status == MISDIRECTED:
-                    # Another container has this address now: the task never reached its own.
-                    raise AgentUnreachable(
-                        f"agent {handle.name} is gone: another container answers at its address"
-                    )
                 if resp.status == 202:
                     return Accepted(payload)
                 if resp.status != 200:
