@@ -69,7 +69,6 @@ import asyncio
 import http.client
 import json
 import os
-import secrets
 import statistics
 import subprocess
 import sys
@@ -89,12 +88,10 @@ from aiohttp.web_protocol import RequestHandler
 
 import gateway.http.agent_routes as agent_routes
 from bench._stats import percentile, report
-from bench.bench_messages import HOLD_S, PROBE_BLOCK, ProcessBackend, free_port, wait_running
+from bench.bench_messages import HOLD_S, start_probe_hub, wait_running
 from gateway.bundle.config import MESSAGE_SCHEMA
-from gateway.http.app import HUB, create_app
-from gateway.identity.apikeys import KeyStore
+from gateway.http.app import HUB
 from gateway.policy.engine import MESSAGES_QUERY
-from gateway.settings import REPO_ROOT, Settings
 
 args = [a for a in sys.argv[1:] if a.isdigit()]
 N = int(args[0]) if args else 2000
@@ -611,29 +608,7 @@ def hot_loop(stages: Stages) -> dict[str, float]:
 
 
 async def measure(tmp: Path) -> dict[str, Any]:
-    agents_file = tmp / "agents.yaml"
-    shipped = (REPO_ROOT / "agents.yaml").read_text()
-    agents_file.write_text(PROBE_BLOCK.sub(rf"\g<1>{HOLD_S + 60}", shipped, count=1))
-    keys = KeyStore.load(tmp / "keys.json")
-    key = keys.create("bench", ["user", "developer", "operator"])
-    port = free_port()
-    backend = ProcessBackend()
-    tag = secrets.token_hex(3)
-    settings = Settings(
-        port=port,
-        state_dir=tmp / "state",
-        keys_file=tmp / "keys.json",
-        hub_id="bench-" + tag,
-        network=f"agw-bench-{tag}-int",
-        egress_network=f"agw-bench-{tag}-egr",
-        svid_ttl_s=3600,
-        agents_file=agents_file,
-    )
-    app = create_app(settings, backend=backend)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    backend.gateway_url = f"http://127.0.0.1:{port}"
+    app, runner, backend, key, port = await start_probe_hub(tmp)
     hub = app[HUB]
     stages = Stages()
     overhead = calibrate(stages)

@@ -286,10 +286,11 @@ async def until_stdin_closed() -> None:
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.buffer.read)
 
 
-async def serve_hub(conf: dict[str, Any]) -> None:
-    """Child: a hub with a target and a sender probe; report their addresses and the
-    sender's JWT-SVID in ``conf["info"]``, then serve until stdin closes."""
-    tmp = Path(conf["tmp"])
+async def start_probe_hub(
+    tmp: Path,
+) -> tuple[web.Application, web.AppRunner, ProcessBackend, str, int]:
+    """A hub on loopback whose agents run as host processes (``ProcessBackend``), in ``tmp``:
+    (app, runner, backend, an API key with every role, port)."""
     # A copy of agents.yaml whose probe may run for the whole hold (the shipped limit is lower).
     agents_file = tmp / "agents.yaml"
     shipped = (REPO_ROOT / "agents.yaml").read_text()
@@ -314,6 +315,14 @@ async def serve_hub(conf: dict[str, Any]) -> None:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     backend.gateway_url = f"http://127.0.0.1:{port}"
+    return app, runner, backend, key, port
+
+
+async def serve_hub(conf: dict[str, Any]) -> None:
+    """Child: a hub with a target and a sender probe; report their addresses and the
+    sender's JWT-SVID in ``conf["info"]``, then serve until stdin closes."""
+    tmp = Path(conf["tmp"])
+    app, runner, backend, key, port = await start_probe_hub(tmp)
     headers = {"Authorization": f"Bearer {key}"}
     try:
         async with aiohttp.ClientSession(backend.gateway_url, headers=headers) as http:
