@@ -66,6 +66,29 @@ def agent_images(docker_api: docker.APIClient) -> Iterator[dict[str, str]]:
                 docker_api.remove_image(f"agent-gateway/{name}:{TAG}", force=True)
 
 
+def build_image(context: Any, tag: str, base: str, *, timeout_s: int) -> None:
+    """Build ``tag`` from a tar ``context`` on the local base image, never pulling; the test
+    fails with the build log's tail when the engine reports an error."""
+    client = docker.from_env(version="auto", timeout=timeout_s).api
+    log: list[str] = []
+    try:
+        for chunk in client.build(
+            fileobj=context,
+            custom_context=True,
+            buildargs={"BASE_IMAGE": base},
+            tag=tag,
+            rm=True,
+            forcerm=True,
+            pull=False,
+            decode=True,
+        ):
+            log.append(str(chunk.get("stream") or chunk.get("error") or ""))
+            if "error" in chunk:
+                pytest.fail(f"building {tag} failed:\n{''.join(log)[-3000:]}", pytrace=False)
+    finally:
+        client.close()
+
+
 def cleanup_hub(api: docker.APIClient, hub_id: str, networks: list[str]) -> list[str]:
     """Remove every container labelled with ``hub_id``, the networks and their firewall
     rules; return the containers that were left."""

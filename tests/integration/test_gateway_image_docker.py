@@ -33,7 +33,7 @@ from gateway.containers.backend import LABEL_HUB
 from gateway.containers.images import CA_IN_CONTEXT, HOST_CA_BUNDLE
 from gateway.settings import DEFAULT_BASE_IMAGE
 from tests.conftest import REPO
-from tests.integration.conftest import RUN_ID, cleanup_hub, registry_file
+from tests.integration.conftest import RUN_ID, build_image, cleanup_hub, registry_file
 
 pytestmark = pytest.mark.docker
 
@@ -86,26 +86,10 @@ def gateway_image(docker_api: docker.APIClient) -> Iterator[str]:
     except docker.errors.ImageNotFound:
         pytest.fail(f"base image {base} is missing: run scripts/build-base-image.sh", pytrace=False)
     ref = f"agent-gateway:test-{RUN_ID}"
-    client = docker.from_env(version="auto", timeout=900).api
-    log: list[str] = []
     try:
-        for chunk in client.build(
-            fileobj=image_context(),
-            custom_context=True,
-            dockerfile="Dockerfile",
-            buildargs={"BASE_IMAGE": base},
-            tag=ref,
-            rm=True,
-            forcerm=True,
-            pull=False,
-            decode=True,
-        ):
-            log.append(str(chunk.get("stream") or chunk.get("error") or ""))
-            if "error" in chunk:
-                pytest.fail(f"building {ref} failed:\n{''.join(log)[-3000:]}", pytrace=False)
+        build_image(image_context(), ref, base, timeout_s=900)
         yield ref
     finally:
-        client.close()
         with contextlib.suppress(docker.errors.APIError):
             docker_api.remove_image(ref, force=True, noprune=True)
 

@@ -33,7 +33,7 @@ import pytest
 from gateway.containers.backend import LABEL_HUB
 from gateway.containers.swarm import SERVICE_LABEL
 from gateway.settings import DEFAULT_BASE_IMAGE
-from tests.integration.conftest import RUN_ID, registry_file
+from tests.integration.conftest import RUN_ID, build_image, registry_file
 from tests.integration.test_gateway_image_docker import (  # noqa: F401 (fixture)
     exec_in,
     free_port,
@@ -86,25 +86,10 @@ def postgres_image(docker_api: docker.APIClient) -> Iterator[str]:
         info.size = len(PG_DOCKERFILE)
         tar.addfile(info, io.BytesIO(PG_DOCKERFILE))
     buf.seek(0)
-    client = docker.from_env(version="auto", timeout=600).api
-    log: list[str] = []
     try:
-        for chunk in client.build(
-            fileobj=buf,
-            custom_context=True,
-            buildargs={"BASE_IMAGE": base},
-            tag=PG_IMAGE,
-            rm=True,
-            forcerm=True,
-            pull=False,
-            decode=True,
-        ):
-            log.append(str(chunk.get("stream") or chunk.get("error") or ""))
-            if "error" in chunk:
-                pytest.fail(f"building {PG_IMAGE} failed:\n{''.join(log)[-3000:]}", pytrace=False)
+        build_image(buf, PG_IMAGE, base, timeout_s=600)
         yield PG_IMAGE
     finally:
-        client.close()
         with contextlib.suppress(docker.errors.APIError):
             docker_api.remove_image(PG_IMAGE, force=True, noprune=True)
 
