@@ -40,7 +40,7 @@ from gateway.metrics import Metrics
 from gateway.routers.access import ApiAuthorizer
 from gateway.routers.events import PROGRESS, STATE, TaskEvents
 from gateway.routers.messages import MessageRouter
-from gateway.routers.recovery import RecoveryReport, recover, take_over
+from gateway.routers.recovery import RecoveryReport, cluster_strays, recover, take_over
 from gateway.routers.tasks import RouterOptions, TaskRouter
 from gateway.routers.tools import ToolRouter
 from gateway.settings import Settings
@@ -573,6 +573,11 @@ class Hub:
             owned=(
                 (lambda: tables.owned_active(self.hub_id))
                 if (tables := getattr(self.store, "cluster", None)) is not None
+                else None
+            ),
+            strays=(
+                (lambda: cluster_strays(self.backend, tables, self.hub_id))
+                if tables is not None
                 else None
             ),
         )

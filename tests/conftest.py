@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from gateway.containers.backend import ContainerHandle, ContainerSpec
+from gateway.containers.backend import LABEL_HUB, ContainerHandle, ContainerSpec
 from gateway.errors import AgentUnavailable
 from gateway.identity.apikeys import KeyStore
 from gateway.settings import Settings
@@ -123,6 +123,8 @@ class FakeBackend:
                 "state": "exited" if cid in self.exited else "running",
             }
             for cid in self.servers
+            # As the engine's label filter does.
+            if hub_id is None or self.labels.get(cid, {}).get(LABEL_HUB) == hub_id
         ]
 
     async def close(self) -> None:

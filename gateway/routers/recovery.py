@@ -14,6 +14,11 @@ Containers labelled with this hub's id that no unfinished task owns (or a second
 task) are orphans: alerted, then removed. The same scan runs periodically
 (``gateway.health.monitor``).
 
+In a cluster a hub may have re-attached another hub's container after a takeover: when it
+dies after that task ended but before removing the container, no label names it, so at its
+restart it also removes the peers' containers of tasks that ended under its lease
+(``strays``), as orphans.
+
 Pooled containers (``io.agent-gateway.pool``, no task label) of the previous run: one that
 an unfinished task recorded as its container is that task's (re-attached like any); the
 others are removed without an alert, not adopted: they were warmed under the registry of
@@ -25,7 +30,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.bundle.registry import Registry
 from gateway.containers.backend import LABEL_INSTANCE, LABEL_POOL, LABEL_TASK, ContainerBackend
@@ -75,12 +80,14 @@ async def recover(
     settings: RecoverySettings,
     pools: WarmPools | None = None,
     owned: Callable[[], Awaitable[set[str]]] | None = None,
+    strays: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None,
 ) -> RecoveryReport:
     """Reconcile the store with the container engine; see the module docstring.
 
     ``registry`` is the one in force; ``hub_id`` picks this hub's containers. In a cluster
     ``owned()`` names the unfinished tasks this hub holds the lease of: only those are
-    reconciled, and a container of a task another hub holds is not an orphan.
+    reconciled, and a container of a task another hub holds is not an orphan; ``strays()``
+    lists the peers' containers this hub was the last to drive (``cluster_strays``).
     """
     started = time.perf_counter()
     report = RecoveryReport()
@@ -107,7 +114,10 @@ async def recover(
     for task in tasks:
         container = _pick(task, by_task.pop(task.id, []), spares)
         await _reconcile(task, container, router, backend, registry, settings, now, report)
-    for orphan in [c for group in by_task.values() for c in group] + spares:
+    leftovers = [c for group in by_task.values() for c in group] + spares
+    if strays is not None:
+        leftovers += await strays()
+    for orphan in leftovers:
         report.orphans.append(orphan["name"])
         alerts.raise_alert(
             "orphan_container",
@@ -161,6 +171,31 @@ async def take_over(
     report.seconds = time.perf_counter() - started
     log.info("takeover done", extra=report.to_json())
     return report
+
+
+class LeaseTables(Protocol):
+    """What ``cluster_strays`` reads of the cluster's tables (``gateway.store.pg_cluster``)."""
+
+    async def hubs(self, lease_s: float) -> list[dict[str, Any]]: ...
+
+    async def ended_held(self, hub_id: str, task_ids: list[str]) -> set[str]: ...
+
+
+async def cluster_strays(
+    backend: ContainerBackend, tables: LeaseTables, hub_id: str
+) -> list[dict[str, Any]]:
+    """The other hubs' containers of tasks that ended while this hub held their lease.
+
+    Such a container was re-attached by this hub after a takeover (it carries the first
+    hub's label); this hub died after the task ended and before removing it. Its lease
+    says it was this hub's to remove, and no other hub drives an ended task.
+    """
+    peers = [h["id"] for h in await tables.hubs(0.0) if h["id"] != hub_id]
+    containers = [
+        c for peer in peers for c in await backend.list_managed(peer) if c["labels"].get(LABEL_TASK)
+    ]
+    ended = await tables.ended_held(hub_id, sorted({c["labels"][LABEL_TASK] for c in containers}))
+    return [c for c in containers if c["labels"][LABEL_TASK] in ended]
 
 
 def _group(

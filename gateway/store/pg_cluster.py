@@ -147,6 +147,21 @@ class ClusterState:
             )
         return {r["task_id"] for r in rows}
 
+    async def ended_held(self, hub_id: str, task_ids: list[str]) -> set[str]:
+        """Which of ``task_ids`` ended while ``hub_id`` held their lease (it drove them last:
+        their containers were its to remove)."""
+        if not task_ids:
+            return set()
+        async with self._store._conn(tx=False) as conn:
+            rows = await conn.fetch(
+                "SELECT l.task_id FROM task_leases l JOIN tasks t ON t.id = l.task_id"
+                " WHERE l.hub_id = $1 AND l.task_id = ANY($2::text[])"
+                f" AND t.state NOT IN {_ACTIVE}",
+                hub_id,
+                task_ids,
+            )
+        return {r["task_id"] for r in rows}
+
     async def claim_expired(
         self, hub_id: str, lease_s: float, *, limit: int = 100
     ) -> list[tuple[str, str]]:

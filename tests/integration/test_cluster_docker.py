@@ -19,7 +19,7 @@ import aiohttp
 import docker
 import pytest
 
-from gateway.containers.backend import LABEL_HUB
+from gateway.containers.backend import LABEL_HUB, LABEL_TASK
 from tests.conftest import REPO, auth
 from tests.integration.conftest import cleanup_hub
 from tests.integration.test_crash_docker import HubProcess, crash_registry
@@ -174,4 +174,21 @@ async def test_two_hubs_killed_at_random_lose_and_duplicate_nothing(
         hub.stop()
     for hub in cluster:
         leftover = docker_api.containers(all=True, filters={"label": [f"{LABEL_HUB}={hub.hub_id}"]})
-        assert leftover == [], [c["Names"] for c in leftover]
+        assert leftover == [], _story(pg_target, leftover, cluster)
+
+
+def _story(url: str, leftover: list[dict[str, Any]], cluster: list[HubProcess]) -> str:
+    """What a failure needs to be understood: each leftover container, its task's history,
+    and what the hubs logged about that task."""
+    lines = []
+    for c in leftover:
+        task_id = c["Labels"].get(LABEL_TASK, "")
+        lines.append(f"{c['Names']} {c['State']} {c['Status']} labels={c['Labels']}")
+        for row in _psql(
+            url,
+            f"SELECT at, state, detail FROM task_events WHERE task_id = '{task_id}' ORDER BY id",
+        ):
+            lines.append(f"  {row}")
+        for hub in cluster:
+            lines += [f"  {hub.hub_id}: {line}" for line in hub.log_lines(task_id)]
+    return "\n".join(lines)

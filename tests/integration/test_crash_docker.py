@@ -57,7 +57,7 @@ class HubProcess:
             "--agents", str(agents_file),
             "--network", self.networks[0],
             "--egress-network", self.networks[1],
-            "--log-level", "warning",
+            "--log-level", os.environ.get("AGW_TEST_HUB_LOG_LEVEL", "warning"),
             *extra,
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
@@ -91,6 +91,12 @@ class HubProcess:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+    def log_lines(self, needle: str) -> list[str]:
+        """The hub's log lines that mention ``needle`` (e.g. a task id)."""
+        if not needle or not self.log.exists():
+            return []
+        return [line for line in self.log.read_text().splitlines() if needle in line]
 
     def db(self) -> sqlite3.Connection:
         conn = sqlite3.connect(f"file:{self.state / 'gateway.db'}?mode=ro", uri=True)

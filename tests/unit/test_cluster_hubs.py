@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 
+from gateway.containers.backend import LABEL_HUB
 from gateway.http.app import HUB, create_app
 from gateway.identity.service import SVID_ENV
+from gateway.store import ACTIVE_STATES
 from tests.conftest import FakeBackend, auth, make_settings
 from tests.messaging import svid_auth
 from tests.pg import pg_cluster, pg_target  # noqa: F401  (fixtures)
@@ -68,6 +70,8 @@ def die(hub: Any) -> None:
     runner finishing its tasks, nothing released."""
     assert hub.cluster is not None and hub.cluster._task is not None
     hub.cluster._task.cancel()
+    if hub.monitor._task is not None:
+        hub.monitor._task.cancel()
     hub.router._detaching = True
     for runner in list(hub.router._runners.values()):
         runner.cancel()
@@ -123,6 +127,53 @@ async def test_a_dead_hubs_task_is_taken_over_and_its_tokens_stay_good(
     assert sorted(status["cluster"]["singletons"]) == ["orphan_scan", "watchdog"]
     report = await hub_b.decisions.verify()
     assert report.ok, report.problems
+
+
+async def test_a_taken_over_container_is_removed_by_the_restart_of_the_hub_that_drove_it(
+    pg_target: str,  # noqa: F811
+    tmp_path: Path,
+    keys: dict[str, str],
+    engine: FakeBackend,
+    aiohttp_client: Any,
+) -> None:
+    """Hub b re-attaches hub a's container after a takeover, and dies after the task ended
+    but before removing it. The container carries a's label; b's lease on the ended task
+    says it was b's to remove, and b's restart does."""
+    a, b = await two_hubs(pg_target, tmp_path, engine, aiohttp_client)
+    hub_a, hub_b = a.app[HUB], b.app[HUB]
+    resp = await a.post(
+        "/v1/tasks", json={"agent": "echo", "input": SLOW}, headers=auth(keys["user"])
+    )
+    task_id = (await resp.json())["task_id"]
+
+    async def running_on_a() -> bool:
+        inst = hub_a.instances.for_task(task_id)
+        return inst is not None and inst.handle is not None
+
+    await until(running_on_a)
+    container = (await hub_a.store.get_task(task_id)).container_id
+    assert engine.labels[container][LABEL_HUB] == "hub-a"
+    die(hub_a)
+
+    async def driven_by_b() -> bool:
+        return hub_b.router.drives(task_id)
+
+    await until(driven_by_b)
+    die(hub_b)
+    # Its agent reports the result to a's address, where a restarted hub records it.
+    await hub_a.store.transition(
+        task_id, "succeeded", allowed_from=ACTIVE_STATES, result={"echo": SLOW, "agent": "echo"}
+    )
+    assert container in engine.servers
+    restarted = make_settings(
+        tmp_path / "b2", keys_file=tmp_path / "keys.json", store=pg_target, lease_s=LEASE,
+        hub_id="hub-b",
+    )  # fmt: skip
+    b2 = await aiohttp_client(create_app(restarted, backend=engine))
+    report = b2.app[HUB].last_recovery
+    assert report is not None and report.orphans == [container], report
+    assert container not in engine.servers
+    assert "orphan_container" in {x["name"] for x in b2.app[HUB].alerts.to_json()["active"]}
 
 
 async def test_a_message_reaches_an_instance_the_other_hub_runs(
