@@ -7,7 +7,11 @@ local engine:
   (submit to result), each run starting with the pool refilled and the last task's container
   removed;
 - direct floor: the same task POSTed by the same HTTP client straight to an echo container
-  that already runs (one of the pool's, taken out of it), starting from the same state;
+  that already runs (one of the pool's, taken out of it, kept for every call), starting from
+  the same state;
+- fresh direct floor: the same POST to a pool container that never ran a task, on a new
+  connection, removed after the call (so the pool refills): what the hub's hand-off in this
+  mode meets, a container's first request, on both sides;
 - reused: ``reuse: true`` (the shipped policy allows it for echo), the same owner's tasks
   back to back in one kept container, alternating with the direct call, nothing in between;
 - cold: the same submission with the pool switched off;
@@ -93,7 +97,7 @@ async def main() -> None:
         pools = hub.pools
         url = f"http://127.0.0.1:{settings.port}/v1/tasks?wait=60"
         figures: dict[str, list[float]] = {
-            k: [] for k in ("warm", "direct", "cold", "floor", "reused", "direct_b2b")
+            k: [] for k in ("warm", "direct", "fresh", "cold", "floor", "reused", "direct_b2b")
         }
         direct = None
         try:
@@ -145,6 +149,23 @@ async def main() -> None:
                     assert out["output"]["echo"] == INPUT
                     return elapsed
 
+                async def straight_to_fresh() -> float:
+                    # Taken before the clock: a direct caller knows its address already.
+                    fresh = await pools.acquire(
+                        agent, sandbox, owner="bench-fresh", reuse=False, timeout_s=30
+                    )
+                    assert fresh is not None
+                    try:
+                        body = {"task_id": str(uuid.uuid4()), "input": INPUT}
+                        start = time.perf_counter()
+                        async with http.post(fresh.handle.base_url + "/task", json=body) as resp:
+                            out = await resp.json()
+                        elapsed = time.perf_counter() - start
+                    finally:
+                        await pools.release(fresh, owner=None)
+                    assert out["output"]["echo"] == INPUT
+                    return elapsed
+
                 async def engine_floor() -> float:
                     cold = hub.router._spec(agent, sandbox, str(uuid.uuid4()), 30)
                     start = time.perf_counter()
@@ -167,6 +188,8 @@ async def main() -> None:
                     figures["warm"].append(await via_hub("warm"))
                     await until(quiet)
                     figures["direct"].append(await straight())
+                    await until(quiet)
+                    figures["fresh"].append(await straight_to_fresh())
                 hub.router.pool = None  # the same hub, no pool: every dispatch cold
                 await via_hub("cold")
                 for _ in range(RUNS):
@@ -226,6 +249,8 @@ async def main() -> None:
             "warm_submit_to_result_ms": ms["warm"],
             "direct_post_to_running_ms": ms["direct"],
             "warm_overhead_p50_ms": ms["warm"]["median"] - ms["direct"]["median"],
+            "direct_to_fresh_container_ms": ms["fresh"],
+            "warm_overhead_vs_fresh_p50_ms": ms["warm"]["median"] - ms["fresh"]["median"],
             "reused_submit_to_result_ms": ms["reused"],
             "direct_back_to_back_ms": ms["direct_b2b"],
             "reused_overhead_p50_ms": ms["reused"]["median"] - ms["direct_b2b"]["median"],

@@ -36,6 +36,8 @@ class SubjectQuotas:
         self._pending: dict[str, int] = {}
         self._running: dict[str, int] = {}
         self._freed = asyncio.Event()
+        # Tasks placed at submission (a warm container): task id -> (owner, the hub's slots).
+        self._reserved: dict[str, tuple[str, asyncio.Semaphore]] = {}
 
     def pending_of(self, owner: str) -> int:
         """The subject's tasks waiting for a container."""
@@ -53,10 +55,36 @@ class SubjectQuotas:
         self._pending[owner] = self._pending.get(owner, 0) + 1
 
     def leave(self, task_id: str) -> None:
-        """The runner of ``task_id`` ended."""
+        """The runner of ``task_id`` ended (a reservation it never took up is given back)."""
         entry = self._tasks.pop(task_id, None)
         if entry is not None and entry[1] != 2:
             _dec(self._pending, str(entry[0]))
+        self.unreserve(task_id)
+
+    async def reserve(self, task_id: str, subject: Subject, slots: asyncio.Semaphore) -> bool:
+        """Take the subject's ``running`` quota and one of the hub's ``slots`` for
+        ``task_id`` now, if both are free (never waits); whether it did. ``slot`` takes the
+        reservation up; ``unreserve`` (or ``leave``) gives it back."""
+        owner = subject.id or ""
+        limit = self.running_limit(subject)
+        if slots.locked() or (limit is not None and self.running_of(owner) >= limit):
+            return False
+        await slots.acquire()  # not locked: returns without yielding to the loop
+        self._running[owner] = self._running.get(owner, 0) + 1
+        self._reserved[task_id] = (owner, slots)
+        return True
+
+    def unreserve(self, task_id: str) -> None:
+        """Give back a reservation that no runner took up (the task was not created)."""
+        held = self._reserved.pop(task_id, None)
+        if held is not None:
+            held[1].release()
+            self._free(held[0])
+
+    def _free(self, owner: str) -> None:
+        _dec(self._running, owner)
+        self._freed.set()
+        self._freed = asyncio.Event()
 
     @contextlib.asynccontextmanager
     async def slot(
@@ -65,27 +93,32 @@ class SubjectQuotas:
         """Hold one of the subject's ``running`` slots, then one of the hub's ``slots``.
 
         ``bypass`` (a re-attached task, whose container runs already, or a delegated child,
-        which its parent waits for) skips the subject's quota but is counted all the same.
+        which its parent waits for) skips the subject's quota but is counted all the same;
+        a reservation (``reserve``) is taken up without waiting.
         """
         entry = self._tasks.get(task_id)
         owner = str(entry[0]) if entry is not None else (subject.id or "")
-        if not bypass:
+        reserved = self._reserved.pop(task_id, None) is not None
+        if not bypass and not reserved:
             while (limit := self.running_limit(subject)) is not None and self.running_of(
                 owner
             ) >= limit:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._freed.wait(), RECHECK_S)
-        self._running[owner] = self._running.get(owner, 0) + 1
+        if not reserved:
+            self._running[owner] = self._running.get(owner, 0) + 1
         try:
-            async with slots:
+            if not reserved:
+                await slots.acquire()
+            try:
                 if entry is not None and entry[1] != 2:
                     entry[1] = 2
                     _dec(self._pending, owner)
                 yield
+            finally:
+                slots.release()
         finally:
-            _dec(self._running, owner)
-            self._freed.set()
-            self._freed = asyncio.Event()
+            self._free(owner)
 
     def to_json(self) -> dict[str, dict[str, int]]:
         """Pending and running tasks by subject."""

@@ -54,6 +54,8 @@ from gateway.store import ACTIVE_STATES, SealedDecision, Store, Task
 
 log = get_logger(__name__)
 DISPATCH_PATH = "gateway/dispatch/decision"
+# The history a task placed in a warm container at submission is created with.
+PLACED_STATES = ("pending", "dispatched", "running")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,10 @@ class _Run:
     handle: ContainerHandle | None = None
     warm: Warm | None = None
     keep_for: str | None = None  # the owner a reusable warm container goes back to
+    # Placed at submission: the probe of its warm container, still to be awaited.
+    probe: asyncio.Future[bool] | None = None
+    # The pool had no container for it at submission (counted as a miss): start cold.
+    missed: bool = False
 
 
 class _PlaceAgain(Exception):
@@ -230,28 +236,118 @@ class TaskRouter:
                 "parent_id": parent.task_id if parent else None,
             }
             idem = (subject.id, idempotency_key, req_hash) if idempotency_key else None
-            try:
-                task, created = await self.store.create_task(
-                    row, idem, keys_since=keys_since, decisions=[*(records or ()), sealed]
+            lineage = parent.child_lineage() if parent else ()
+            placed = await self._place_at_submit(row, agent, sandbox, subject, parent is None)
+            warm = placed is not None and placed.warm is not None
+            creating = asyncio.ensure_future(
+                self.store.create_task(
+                    row,
+                    idem,
+                    keys_since=keys_since,
+                    decisions=[*(records or ()), sealed],
+                    states=PLACED_STATES if warm else ("pending",),
                 )
+            )
+            try:
+                if placed is not None and placed.warm is not None:
+                    await asyncio.sleep(0)  # the write is queued: it commits while this mints
+                    placed.instance = self.instances.open(
+                        agent=agent.name,
+                        task_id=task_id,
+                        subject=subject,
+                        lineage=lineage,
+                        fresh_id=row["instance_id"],
+                    )
+                task, created = await creating
             except IdempotencyConflict:
+                await self._unplace(placed, task_id)
                 # Nothing was written (the transaction rolled back): the decision was made
                 # all the same, and the log has every decision.
                 await self.decisions.append(sealed)
+                raise
+            except BaseException:
+                # The write may still commit (the writer thread finishes it): such a task,
+                # running without a runner, is resumed by ``Hub.resume_lost_runs``.
+                await self._unplace(placed, task_id)
                 raise
             if records:
                 records.clear()
             if created:
                 with bound(task_id=task_id, decision_id=sealed.decision_id, agent=agent.name):
-                    log.info("dispatch allowed")
-                lineage = parent.child_lineage() if parent else ()
+                    log.info("dispatch allowed", extra={"dispatch": row.get("dispatch")})
                 self._accepted_under[task_id] = config
                 self._traces[task_id] = request["traceparent"]
-                self._start_runner(task, agent, sandbox, subject=subject, lineage=lineage)
-                self._observe(task_id, "pending")
+                self._start_runner(
+                    task, agent, sandbox, subject=subject, lineage=lineage, placed=placed
+                )
+                for state in PLACED_STATES if warm else ("pending",):
+                    self._observe(task_id, state)
+            else:
+                await self._unplace(placed, task_id)
             return task, created
         assert first_error is not None
         raise first_error
+
+    async def _place_at_submit(
+        self,
+        row: dict[str, Any],
+        agent: AgentSpec,
+        sandbox: dict[str, Any],
+        subject: Subject,
+        top_level: bool,
+    ) -> _Run | None:
+        """Place a task in a warm container before it is created, so that it is created
+        running: one write instead of a create and a move, with the container's probe
+        under it. Only when a quota slot is free now (it is reserved for the runner) and a
+        warm container takes exactly the granted sandbox; None: the runner places it (a run
+        with ``missed`` set: the pool had none, so the runner starts it cold).
+
+        ``row`` gets the placement (instance, container, ``dispatch``). A delegated child
+        (not ``top_level``) is placed by its runner: it waits on its parent's slot.
+        """
+        task_id = row["id"]
+        if self.pool is None or not top_level or not (agent.pool or agent.reuse):
+            return None
+        if not await self.quotas.reserve(task_id, subject, self._slots):
+            return None
+        try:
+            warm = await self.pool.acquire(
+                agent,
+                sandbox,
+                owner=subject.id,
+                reuse=self._reuse.get(task_id, False),
+                timeout_s=float(row["timeout_s"]),
+                probe=False,
+            )
+        except BaseException:
+            self.quotas.unreserve(task_id)
+            raise
+        if warm is None:
+            self.quotas.unreserve(task_id)
+            return _Run(missed=True)  # counted: the runner does not ask again
+        row.update(
+            instance_id=uuid.uuid4().hex,
+            container_id=warm.handle.id,
+            container_name=warm.handle.name,
+            dispatch="warm",
+        )
+        # Probed while the task is written; the runner acts on the answer.
+        probe = asyncio.ensure_future(self.pool.check(warm))
+        return _Run(handle=warm.handle, warm=warm, probe=probe)
+
+    async def _unplace(self, placed: _Run | None, task_id: str) -> None:
+        """A placement whose task was not created: its slot, identity and container go."""
+        if placed is None or placed.warm is None:
+            return
+        self.quotas.unreserve(task_id)
+        if placed.instance is not None:
+            self.instances.close(placed.instance)
+        assert placed.probe is not None
+        alive = False
+        with contextlib.suppress(Exception):
+            alive = await asyncio.shield(placed.probe)
+        if alive:  # assigned, never handed anything: it goes (a dead one went already)
+            await self._release(placed.warm, None)
 
     def _keys_since(self) -> str | None:
         """When the oldest Idempotency-Key still in force was recorded (RFC 3339)."""
@@ -359,8 +455,13 @@ class TaskRouter:
         subject: Subject | None = None,
         lineage: tuple[LineageEntry, ...] | None = None,
         instance: Instance | None = None,
+        placed: _Run | None = None,
     ) -> None:
         self._done[task.id] = _Done()
+        if placed is not None:
+            # Made before the hand-off, as ``_place`` does: a report waits for the runner.
+            self._expect_report(task.id)
+            instance = placed.instance
         runner = asyncio.create_task(
             self._run(
                 task,
@@ -370,6 +471,7 @@ class TaskRouter:
                 subject=subject,
                 lineage=lineage,
                 instance=instance,
+                placed=placed,
             ),
             name=f"task-{task.id}",
         )
@@ -414,17 +516,19 @@ class TaskRouter:
         subject: Subject | None = None,
         lineage: tuple[LineageEntry, ...] | None = None,
         instance: Instance | None = None,
+        placed: _Run | None = None,
     ) -> None:
         """Drive one task to a terminal state; ``attach_to`` resumes in a running container.
 
         Without ``subject`` and ``lineage`` (a task resumed after a restart) both are
         restored: the submitter's current roles from the keys file, the lineage from the store.
-        ``instance`` is one ``reattach`` opened already (its container holds the token).
+        ``instance`` is one ``reattach`` opened already (its container holds the token);
+        ``placed``, the warm placement made at submission (``_place_at_submit``).
         The phases: restore, place (attach, warm or cold), execute (ready, hand over,
         result); every exit winds the run up (revoke, release or remove, signal).
         """
         task_id = task.id
-        run = _Run(instance=instance)
+        run = placed if placed is not None else _Run(instance=instance)
         start = time.monotonic()
         timeout_s = float(task.timeout_s)
         with bound(task_id=task_id, decision_id=task.decision_id, agent=agent.name):
@@ -435,10 +539,12 @@ class TaskRouter:
                     # holds a slot and waits for it: neither waits for the subject's quota.
                     bypass = attach_to is not None or task.parent_id is not None
                     async with self.quotas.slot(task_id, subject, self._slots, bypass=bypass):
+                        await self._probed(run, task_id)
                         while True:
-                            await self._place(
-                                run, task, agent, sandbox, attach_to, subject, lineage
-                            )
+                            if run.handle is None:
+                                await self._place(
+                                    run, task, agent, sandbox, attach_to, subject, lineage
+                                )
                             if await self._executed(run, task, agent, attach_to, subject, start):
                                 break  # else its warm container was gone: another, or cold
             except (TimeoutError, AgentTimeout):
@@ -468,6 +574,23 @@ class TaskRouter:
                 )
             finally:
                 await self._wind_up(run, task_id)
+
+    async def _probed(self, run: _Run, task_id: str) -> None:
+        """A run placed at submission: its container's probe answered, or (the pool removed
+        the container) the task goes back to pending, to be placed again."""
+        if run.probe is None:
+            return
+        probe, run.probe = run.probe, None
+        if await probe:
+            return
+        assert run.warm is not None
+        gone, run.warm, run.handle = run.warm, None, None
+        await self._move(
+            task_id,
+            "pending",
+            ("running",),
+            detail=f"warm container {gone.handle.name} did not answer: placed again",
+        )
 
     async def _restore(
         self,
@@ -514,8 +637,10 @@ class TaskRouter:
                 task_id, container_id=run.handle.id, container_name=run.handle.name
             )
             return
-        if self.pool is not None and await self._place_warm(
-            run, task, agent, sandbox, subject, lineage
+        if (
+            self.pool is not None
+            and not run.missed
+            and await self._place_warm(run, task, agent, sandbox, subject, lineage)
         ):
             return
         # The identity exists before the container, so the container starts with its token;

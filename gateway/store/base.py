@@ -44,12 +44,14 @@ class TaskStore(Protocol):
         *,
         keys_since: str | None = None,
         decisions: Sequence[SealedDecision] = (),
+        states: Sequence[str] = ("pending",),
     ) -> tuple[Task, bool]:
         """Insert a pending task (and its (subject, key, request hash)) atomically; (task,
         created). A key already used for the same request returns its task and False; for
         another request, IdempotencyConflict; one recorded before ``keys_since`` is reused.
         ``decisions`` (those that allowed the call and the task) are appended, in order, in the
-        same transaction."""
+        same transaction. ``states`` is the history it is created with, the last its state
+        (a task placed in a warm container at submission: pending, dispatched, running)."""
 
     async def task_for_key(
         self, subject: str, key: str, request_hash: str, *, since: str | None = None

@@ -224,16 +224,17 @@ class PostgresStore:
         *,
         keys_since: str | None = None,
         decisions: Sequence[SealedDecision] = (),
+        states: Sequence[str] = ("pending",),
     ) -> tuple[Task, bool]:
         """Insert a pending task (and its idempotency key) atomically; see ``TaskStore``.
         ``decisions`` are appended to the log in the same transaction (and batched with the
         other appends of this hub)."""
         if not decisions:
             async with self._conn() as conn:
-                return await self._create_in(conn, row, idempotency, keys_since)
+                return await self._create_in(conn, row, idempotency, keys_since, states)
 
         async def op(conn: Any, head: list[Any]) -> tuple[Task, bool]:
-            created = await self._create_in(conn, row, idempotency, keys_since)
+            created = await self._create_in(conn, row, idempotency, keys_since, states)
             for sealed in decisions:
                 await _append_in(conn, head, sealed.seal)
             return created
@@ -246,6 +247,7 @@ class PostgresStore:
         row: dict[str, Any],
         idempotency: tuple[str, str, str] | None,
         keys_since: str | None,
+        states: Sequence[str] = ("pending",),
     ) -> tuple[Task, bool]:
         if idempotency is not None:
             # Two hubs given the same key at once: the second waits, then replays.
@@ -260,17 +262,18 @@ class PostgresStore:
                 "DELETE FROM idempotency WHERE subject = $1 AND key = $2", *idempotency[:2]
             )
         now = utcnow()
-        record = _dumps({**row, "state": "pending", "created_at": now, "updated_at": now})
+        record = _dumps({**row, "state": states[-1], "created_at": now, "updated_at": now})
         names = ", ".join(_q(k) for k in record)
         marks = ", ".join(f"${i + 1}" for i in range(len(record)))
         created = await conn.fetchrow(
             f"INSERT INTO tasks ({names}) VALUES ({marks}) RETURNING *", *record.values()
         )
-        await conn.execute(
-            "INSERT INTO task_events (task_id, state, at) VALUES ($1, 'pending', $2)",
-            row["id"],
-            now,
-        )
+        events = [(row["id"], state, now) for state in states]
+        insert = "INSERT INTO task_events (task_id, state, at) VALUES ($1, $2, $3)"
+        if len(events) == 1:
+            await conn.execute(insert, *events[0])
+        else:
+            await conn.executemany(insert, events)
         if self.lease is not None:
             await lease_new_task(conn, row["id"], *self.lease)
         if idempotency is not None:

@@ -276,8 +276,10 @@ class Store:
         *,
         keys_since: str | None = None,
         decisions: Sequence[SealedDecision] = (),
+        states: Sequence[str] = ("pending",),
     ) -> tuple[Task, bool]:
-        """Insert a pending task (and its idempotency key) atomically.
+        """Insert a pending task (and its idempotency key) atomically (``states``: the
+        history it starts with, see ``TaskStore.create_task``).
 
         Returns (task, created). With an idempotency key already used for the same request,
         returns the original task and False; for a different request, IdempotencyConflict.
@@ -298,12 +300,13 @@ class Store:
                     "DELETE FROM idempotency WHERE subject = ? AND key = ?", list(idempotency[:2])
                 )
             now = utcnow()
-            record = {**row, "state": "pending", "created_at": now, "updated_at": now}
+            record = {**row, "state": states[-1], "created_at": now, "updated_at": now}
             for name in TASK_JSON_FIELDS:
                 if name in record and record[name] is not None:
                     record[name] = json.dumps(record[name])
             _insert(db, "tasks", record)
-            _insert(db, "task_events", {"task_id": row["id"], "state": "pending", "at": now})
+            for state in states:
+                _insert(db, "task_events", {"task_id": row["id"], "state": state, "at": now})
             if idempotency is not None:
                 _insert(
                     db,

@@ -26,6 +26,7 @@ from gateway.cli import main
 from gateway.errors import ConfigError, TooManyRequests
 from gateway.http.app import HUB, create_app
 from gateway.hub import Hub
+from gateway.identity.apikeys import Subject
 from gateway.limits import (
     NO_LIMITS,
     BucketTable,
@@ -37,6 +38,7 @@ from gateway.limits import (
     load_limits,
 )
 from gateway.limits.limiter import LOG_EVERY_S
+from gateway.limits.quotas import SubjectQuotas
 from gateway.store import Store
 from tests.conftest import REPO, FakeBackend, auth, make_settings
 
@@ -612,3 +614,34 @@ async def test_without_a_limits_file_nothing_is_limited(
     assert not hub.config.limits.enabled and "limits" not in hub.revisions()
     codes = [(await client.get("/v1/tasks", headers=auth(keys["user"]))).status for _ in range(300)]
     assert set(codes) == {200}
+
+
+async def test_a_reservation_takes_a_free_slot_at_once_and_is_taken_up_or_given_back() -> None:
+    """A warm placement at submission reserves the subject's running quota and a hub slot
+    without waiting; the runner takes it up, and one never taken up is given back."""
+    quotas = SubjectQuotas()
+    quotas.running_limit = lambda subject: 1
+    slots = asyncio.Semaphore(2)
+    alice, bob = Subject("alice", ("user",), "k1"), Subject("bob", ("user",), "k2")
+    assert await quotas.reserve("t1", alice, slots)
+    assert quotas.running_of("alice") == 1 and slots._value == 1
+    assert not await quotas.reserve("t2", alice, slots)  # alice's quota is full
+    assert quotas.running_of("alice") == 1 and slots._value == 1
+    # Taken up by t1's runner: no wait, no second count; released when the run ends.
+    quotas.enter("t1", "alice")
+    async with asyncio.timeout(0.5):
+        async with quotas.slot("t1", alice, slots):
+            assert quotas.running_of("alice") == 1 and slots._value == 1
+            assert quotas.pending_of("alice") == 0
+    quotas.leave("t1")
+    assert quotas.running_of("alice") == 0 and slots._value == 2
+    # Given back when its task was not created, or when its runner ended before taking it.
+    assert await quotas.reserve("t3", bob, slots)
+    quotas.unreserve("t3")
+    assert await quotas.reserve("t4", alice, slots)
+    quotas.enter("t4", "alice")
+    quotas.leave("t4")
+    assert quotas.running_of("alice") == quotas.running_of("bob") == 0 and slots._value == 2
+    # No hub slot free: no reservation, whatever the quota.
+    assert await quotas.reserve("t5", bob, slots) and await quotas.reserve("t6", alice, slots)
+    assert not await quotas.reserve("t7", Subject("carol", ("user",), "k3"), slots)

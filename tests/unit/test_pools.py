@@ -405,6 +405,122 @@ async def test_warm_dispatch_through_the_hub_runs_in_the_pooled_container(
     assert 'gateway_pool_dispatches_total{agent="echo",result="hit"} 1.0' in metrics
 
 
+async def test_a_warm_task_is_created_running_in_the_write_that_accepts_it(
+    pool_hub: Any, keys: dict[str, str]
+) -> None:
+    """Placed at submission: the task is written once, already running in its container
+    (pending, dispatched and running in one write), and ends with its result: the only
+    other write. Its quota slot was reserved for it and is free again after."""
+    client, _backend = await pool_hub("    pool: {min: 1, max: 2}\n")
+    from gateway.http.appkeys import HUB
+
+    hub = client.app[HUB]
+    await filled(hub.pools, "echo", 1)
+    pooled = next(iter(hub.pools.owned()))
+    writes: list[tuple[str, Any]] = []
+
+    def spy(name: str, real: Any) -> Any:
+        def write(task_id: str, *args: Any, **kw: Any) -> Any:
+            writes.append((name, args[0] if args else sorted(kw)))
+            return real(task_id, *args, **kw)
+
+        return write
+
+    for name in ("transition", "update_task"):
+        setattr(hub.store, name, spy(name, getattr(hub.store, name)))
+    resp = await client.post(
+        "/v1/tasks?wait=10", json={"agent": "echo", "input": {"n": 1}}, headers=auth(keys["user"])
+    )
+    task = await resp.json()
+    assert task["state"] == "succeeded", task
+    assert task["dispatch"] == "warm" and task["container"]["id"] == pooled
+    history = task["history"]
+    assert [e["state"] for e in history] == ["pending", "dispatched", "running", "succeeded"]
+    assert len({e["at"] for e in history[:3]}) == 1, history
+    assert writes == [("transition", "succeeded")]
+    assert hub.router.quotas.to_json()["running"] == {}
+    assert hub.router._slots._value == hub.router.options.max_running
+
+
+async def test_a_warm_container_dead_when_its_task_is_accepted_is_replaced(
+    pool_hub: Any, keys: dict[str, str]
+) -> None:
+    """The probe made while the task is written finds the container dead: the task goes
+    back to pending ("placed again") and runs elsewhere; the dead one is removed."""
+    client, backend = await pool_hub("    pool: {min: 1, max: 1}\n")
+    from gateway.http.appkeys import HUB
+
+    hub = client.app[HUB]
+    # Every assigned container is probed, and no idle round finds the dead one first.
+    hub.pools.options = dataclasses.replace(hub.pools.options, fresh_s=0.0, check_s=3600.0)
+    await filled(hub.pools, "echo", 1)
+    dead = next(iter(hub.pools.owned()))
+    kill(backend, dead)
+    resp = await client.post(
+        "/v1/tasks?wait=10", json={"agent": "echo", "input": {"n": 2}}, headers=auth(keys["user"])
+    )
+    task = await resp.json()
+    assert task["state"] == "succeeded", task
+    assert task["container"]["id"] != dead
+    details = [e.get("detail") or "" for e in task["history"]]
+    assert any("did not answer: placed again" in d for d in details), task["history"]
+    assert [e["state"] for e in task["history"]][:5] == [
+        "pending", "dispatched", "running", "pending", "dispatched"
+    ]  # fmt: skip
+    assert dead in backend.removed
+
+
+async def test_a_placement_whose_task_was_not_created_gives_back_its_container_and_slot(
+    pool_hub: Any, keys: dict[str, str]
+) -> None:
+    """Two submissions with one Idempotency-Key racing past the key check: both place a
+    warm container, one task is written, and the other placement is undone."""
+    client, backend = await pool_hub("    pool: {min: 2, max: 2}\n")
+    from gateway.http.appkeys import HUB
+
+    hub = client.app[HUB]
+    await filled(hub.pools, "echo", 2)
+    pooled = set(hub.pools.owned())
+
+    async def unseen(*_args: Any, **_kw: Any) -> None:
+        return None  # both get past the key check before either writes
+
+    hub.store.task_for_key = unseen
+    headers = {**auth(keys["user"]), "Idempotency-Key": "race-1"}
+    body = {"agent": "echo", "input": {"n": 3}}
+    first, second = await asyncio.gather(
+        client.post("/v1/tasks", json=body, headers=headers),
+        client.post("/v1/tasks", json=body, headers=headers),
+    )
+    ids = {(await first.json())["task_id"], (await second.json())["task_id"]}
+    assert len(ids) == 1
+    task = await _task(client, keys["user"], ids.pop())
+    assert task["state"] == "succeeded", task
+    await until(lambda: pooled <= set(backend.removed))  # the task's, and the undone one
+    assert hub.router.quotas.to_json()["running"] == {}
+    assert hub.router._slots._value == hub.router.options.max_running
+    assert hub.instances.for_task(task["task_id"]) is None
+
+
+async def test_a_task_the_pool_has_no_container_for_starts_cold_counted_once(
+    pool_hub: Any, keys: dict[str, str]
+) -> None:
+    client, _backend = await pool_hub("    pool: {min: 1, max: 1}\n")
+    from gateway.http.appkeys import HUB
+
+    hub = client.app[HUB]
+    await filled(hub.pools, "echo", 1)
+    slow = {"agent": "echo", "input": {"progress_steps": 4, "progress_delay_s": 0.25}}
+    first = await client.post("/v1/tasks", json=slow, headers=auth(keys["user"]))
+    second = await client.post("/v1/tasks", json=slow, headers=auth(keys["user"]))
+    tasks = [
+        await _task(client, keys["user"], (await r.json())["task_id"]) for r in (first, second)
+    ]
+    assert [t["state"] for t in tasks] == ["succeeded", "succeeded"], tasks
+    assert [t["dispatch"] for t in tasks] == ["warm", "cold"]
+    assert hub.pools.hits == {"echo": 1} and hub.pools.misses == {"echo": 1}
+
+
 async def test_a_grant_no_warm_container_can_take_starts_cold(
     pool_hub: Any, keys: dict[str, str]
 ) -> None:
