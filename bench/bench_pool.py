@@ -30,13 +30,16 @@ Usage: python bench/bench_pool.py [runs]   (needs Docker and the example images)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import socket
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -70,178 +73,194 @@ async def until(check, within_s: float = 60) -> None:  # type: ignore[no-untyped
         await asyncio.sleep(0.01)
 
 
+@contextlib.asynccontextmanager
+async def hub_on_loopback(tmp: Path, agents: Path) -> AsyncIterator[tuple[Any, Settings, str]]:
+    """A real hub on loopback (``agents``, the shipped policies and schemas, its state under
+    ``tmp``, the local engine) and a user's API key; its runner and networks go at the end."""
+    keys = KeyStore.load(tmp / "keys.json")
+    key = keys.create("bench", ["user"])
+    hub_id = "bench-" + secrets.token_hex(3)
+    settings = Settings(
+        port=free_port(),
+        state_dir=tmp / "state",
+        keys_file=tmp / "keys.json",
+        agents_file=agents,
+        schemas_dir=REPO_ROOT / "schemas",
+        policies_dir=REPO_ROOT / "policies",
+        hub_id=hub_id,
+        network=f"{hub_id}-int",
+        egress_network=f"{hub_id}-egr",
+    )
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", settings.port).start()
+        yield app[HUB], settings, key
+    finally:
+        await runner.cleanup()
+        api = docker.from_env(version="auto").api
+        for name in (settings.network, settings.egress_network):
+            for net in api.networks(names=[name]):
+                api.remove_network(net["Id"])
+
+
 async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         agents = Path(tmp) / "agents.yaml"
         text = (REPO_ROOT / "agents.yaml").read_text()
         agents.write_text(text.replace(ECHO, ECHO + f"    pool: {{min: {POOL_MIN}, max: 8}}\n"))
-        keys = KeyStore.load(Path(tmp) / "keys.json")
-        key = keys.create("bench", ["user"])
-        hub_id = "bench-" + secrets.token_hex(3)
-        settings = Settings(
-            port=free_port(),
-            state_dir=Path(tmp) / "state",
-            keys_file=Path(tmp) / "keys.json",
-            agents_file=agents,
-            schemas_dir=REPO_ROOT / "schemas",
-            policies_dir=REPO_ROOT / "policies",
-            hub_id=hub_id,
-            network=f"{hub_id}-int",
-            egress_network=f"{hub_id}-egr",
-        )
-        app = create_app(settings)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", settings.port).start()
-        hub = app[HUB]
-        pools = hub.pools
-        url = f"http://127.0.0.1:{settings.port}/v1/tasks?wait=60"
-        figures: dict[str, list[float]] = {
-            k: [] for k in ("warm", "direct", "fresh", "cold", "floor", "reused", "direct_b2b")
-        }
-        direct = None
-        try:
-            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+        async with hub_on_loopback(Path(tmp), agents) as (hub, settings, key):
+            pools = hub.pools
+            url = f"http://127.0.0.1:{settings.port}/v1/tasks?wait=60"
+            figures: dict[str, list[float]] = {
+                k: [] for k in ("warm", "direct", "fresh", "cold", "floor", "reused", "direct_b2b")
+            }
+            direct = None
+            try:
+                async with aiohttp.ClientSession(
+                    headers={"Authorization": f"Bearer {key}"}
+                ) as http:
 
-                async def via_hub(expect: str | None) -> float:
-                    start = time.perf_counter()
-                    async with http.post(url, json={"agent": "echo", "input": INPUT}) as resp:
-                        body = await resp.json()
-                    elapsed = time.perf_counter() - start
-                    if body.get("state") != "succeeded" or expect not in (None, body["dispatch"]):
-                        raise SystemExit(f"hub task not {expect}: {body}")
-                    return elapsed
+                    async def via_hub(expect: str | None) -> float:
+                        start = time.perf_counter()
+                        async with http.post(url, json={"agent": "echo", "input": INPUT}) as resp:
+                            body = await resp.json()
+                        elapsed = time.perf_counter() - start
+                        if body.get("state") != "succeeded" or expect not in (
+                            None,
+                            body["dispatch"],
+                        ):
+                            raise SystemExit(f"hub task not {expect}: {body}")
+                        return elapsed
 
-                agent = hub.config.registry.agents["echo"]
+                    agent = hub.config.registry.agents["echo"]
 
-                def full() -> bool:
-                    return pools._sizes("echo")["idle"] >= POOL_MIN
+                    def full() -> bool:
+                        return pools._sizes("echo")["idle"] >= POOL_MIN
 
-                def quiet() -> bool:
-                    # Full with containers of the current entry, nothing warming, draining
-                    # or being removed: no engine work under the measured call.
-                    current = fingerprint(hub.config.registry.agents["echo"])
-                    idle = [w for w in pools._warm.values() if w.state == "idle"]
-                    return (
-                        full()
-                        and all(w.fingerprint == current for w in idle)
-                        and not pools._sizes("echo")["warming"]
-                        and not pools._jobs
-                        and not hub.router._removals
+                    def quiet() -> bool:
+                        # Full with containers of the current entry, nothing warming, draining
+                        # or being removed: no engine work under the measured call.
+                        current = fingerprint(hub.config.registry.agents["echo"])
+                        idle = [w for w in pools._warm.values() if w.state == "idle"]
+                        return (
+                            full()
+                            and all(w.fingerprint == current for w in idle)
+                            and not pools._sizes("echo")["warming"]
+                            and not pools._jobs
+                            and not hub.router._removals
+                        )
+
+                    sandbox = warm_sandbox(agent)
+                    # The floor's container is one of the pool's, taken out of it: built by the
+                    # same guardrails, probed, and known to the pool (so no scan removes it).
+                    await until(full)
+                    direct = await pools.acquire(
+                        agent, sandbox, owner="bench-direct", reuse=False, timeout_s=30
                     )
+                    assert direct is not None
+                    direct_url = direct.handle.base_url + "/task"
 
-                sandbox = warm_sandbox(agent)
-                # The floor's container is one of the pool's, taken out of it: built by the
-                # same guardrails, probed, and known to the pool (so no scan removes it).
-                await until(full)
-                direct = await pools.acquire(
-                    agent, sandbox, owner="bench-direct", reuse=False, timeout_s=30
-                )
-                assert direct is not None
-                direct_url = direct.handle.base_url + "/task"
-
-                async def straight() -> float:
-                    body = {"task_id": str(uuid.uuid4()), "input": INPUT}
-                    start = time.perf_counter()
-                    async with http.post(direct_url, json=body) as resp:
-                        out = await resp.json()
-                    elapsed = time.perf_counter() - start
-                    assert out["output"]["echo"] == INPUT
-                    return elapsed
-
-                async def straight_to_fresh() -> float:
-                    # Taken before the clock: a direct caller knows its address already.
-                    fresh = await pools.acquire(
-                        agent, sandbox, owner="bench-fresh", reuse=False, timeout_s=30
-                    )
-                    assert fresh is not None
-                    try:
+                    async def straight() -> float:
                         body = {"task_id": str(uuid.uuid4()), "input": INPUT}
                         start = time.perf_counter()
-                        async with http.post(fresh.handle.base_url + "/task", json=body) as resp:
+                        async with http.post(direct_url, json=body) as resp:
                             out = await resp.json()
                         elapsed = time.perf_counter() - start
-                    finally:
-                        await pools.release(fresh, owner=None)
-                    assert out["output"]["echo"] == INPUT
-                    return elapsed
+                        assert out["output"]["echo"] == INPUT
+                        return elapsed
 
-                async def engine_floor() -> float:
-                    cold = hub.router._spec(agent, sandbox, str(uuid.uuid4()), 30)
-                    start = time.perf_counter()
-                    handle = await hub.backend.start(cold)
-                    await hub.agents.wait_ready(handle, 20)
-                    out = await hub.agents.post(
-                        handle, "/task", {"task_id": "floor", "input": INPUT}, 30
-                    )
-                    elapsed = time.perf_counter() - start
-                    assert out["output"]["echo"] == INPUT
-                    await hub.backend.remove(handle.id)
-                    return elapsed
+                    async def straight_to_fresh() -> float:
+                        # Taken before the clock: a direct caller knows its address already.
+                        fresh = await pools.acquire(
+                            agent, sandbox, owner="bench-fresh", reuse=False, timeout_s=30
+                        )
+                        assert fresh is not None
+                        try:
+                            body = {"task_id": str(uuid.uuid4()), "input": INPUT}
+                            start = time.perf_counter()
+                            async with http.post(
+                                fresh.handle.base_url + "/task", json=body
+                            ) as resp:
+                                out = await resp.json()
+                            elapsed = time.perf_counter() - start
+                        finally:
+                            await pools.release(fresh, owner=None)
+                        assert out["output"]["echo"] == INPUT
+                        return elapsed
 
-                await until(full)
-                await via_hub("warm")  # warm-up: connections, caches
-                await straight()
-                for _ in range(RUNS):
-                    # Each side starts alike: the pool full, the last container removed.
-                    await until(quiet)
-                    figures["warm"].append(await via_hub("warm"))
-                    await until(quiet)
-                    figures["direct"].append(await straight())
-                    await until(quiet)
-                    figures["fresh"].append(await straight_to_fresh())
-                hub.router.pool = None  # the same hub, no pool: every dispatch cold
-                await via_hub("cold")
-                for _ in range(RUNS):
-                    figures["cold"].append(await via_hub("cold"))
-                    figures["floor"].append(await engine_floor())
-                    await asyncio.sleep(0.3)  # let the removals finish
-                hub.router.pool = pools
+                    async def engine_floor() -> float:
+                        cold = hub.router._spec(agent, sandbox, str(uuid.uuid4()), 30)
+                        start = time.perf_counter()
+                        handle = await hub.backend.start(cold)
+                        await hub.agents.wait_ready(handle, 20)
+                        out = await hub.agents.post(
+                            handle, "/task", {"task_id": "floor", "input": INPUT}, 30
+                        )
+                        elapsed = time.perf_counter() - start
+                        assert out["output"]["echo"] == INPUT
+                        await hub.backend.remove(handle.id)
+                        return elapsed
 
-                await until(full)
-                n, callers = 0, 4
-                warm_runs = 0
-                deadline = time.perf_counter() + 10
-
-                async def caller() -> None:
-                    nonlocal n, warm_runs
-                    while time.perf_counter() < deadline:
-                        async with http.post(url, json={"agent": "echo", "input": INPUT}) as r:
-                            body = await r.json()
-                        assert body["state"] == "succeeded", body
-                        n += 1
-                        warm_runs += body["dispatch"] == "warm"
-
-                began = time.perf_counter()
-                await asyncio.gather(*(caller() for _ in range(callers)))
-                sustained = n / (time.perf_counter() - began)
-
-                # Reuse (agents.yaml ``reuse: true``, which the shipped policy allows for echo):
-                # the same owner's tasks back to back in one container, alternating with the
-                # direct call, neither side waiting in between.
-                agents.write_text(
-                    text.replace(
-                        ECHO, ECHO + f"    pool: {{min: {POOL_MIN}, max: 8}}\n    reuse: true\n"
-                    )
-                )
-                await hub.reload()
-                agent = hub.config.registry.agents["echo"]
-                assert agent.reuse
-                await until(quiet)
-                for _ in range(3):  # the first takes a container (warm or cold), then kept
-                    await via_hub(None)
+                    await until(full)
+                    await via_hub("warm")  # warm-up: connections, caches
                     await straight()
-                for _ in range(RUNS):
-                    figures["reused"].append(await via_hub("warm"))
-                    figures["direct_b2b"].append(await straight())
-        finally:
-            if direct is not None:
-                await pools.release(direct, owner=None)
-            await runner.cleanup()
-            api = docker.from_env(version="auto").api
-            for name in (settings.network, settings.egress_network):
-                for net in api.networks(names=[name]):
-                    api.remove_network(net["Id"])
+                    for _ in range(RUNS):
+                        # Each side starts alike: the pool full, the last container removed.
+                        await until(quiet)
+                        figures["warm"].append(await via_hub("warm"))
+                        await until(quiet)
+                        figures["direct"].append(await straight())
+                        await until(quiet)
+                        figures["fresh"].append(await straight_to_fresh())
+                    hub.router.pool = None  # the same hub, no pool: every dispatch cold
+                    await via_hub("cold")
+                    for _ in range(RUNS):
+                        figures["cold"].append(await via_hub("cold"))
+                        figures["floor"].append(await engine_floor())
+                        await asyncio.sleep(0.3)  # let the removals finish
+                    hub.router.pool = pools
+
+                    await until(full)
+                    n, callers = 0, 4
+                    warm_runs = 0
+                    deadline = time.perf_counter() + 10
+
+                    async def caller() -> None:
+                        nonlocal n, warm_runs
+                        while time.perf_counter() < deadline:
+                            async with http.post(url, json={"agent": "echo", "input": INPUT}) as r:
+                                body = await r.json()
+                            assert body["state"] == "succeeded", body
+                            n += 1
+                            warm_runs += body["dispatch"] == "warm"
+
+                    began = time.perf_counter()
+                    await asyncio.gather(*(caller() for _ in range(callers)))
+                    sustained = n / (time.perf_counter() - began)
+
+                    # Reuse (agents.yaml ``reuse: true``, which the shipped policy allows for echo):
+                    # the same owner's tasks back to back in one container, alternating with the
+                    # direct call, neither side waiting in between.
+                    agents.write_text(
+                        text.replace(
+                            ECHO, ECHO + f"    pool: {{min: {POOL_MIN}, max: 8}}\n    reuse: true\n"
+                        )
+                    )
+                    await hub.reload()
+                    agent = hub.config.registry.agents["echo"]
+                    assert agent.reuse
+                    await until(quiet)
+                    for _ in range(3):  # the first takes a container (warm or cold), then kept
+                        await via_hub(None)
+                        await straight()
+                    for _ in range(RUNS):
+                        figures["reused"].append(await via_hub("warm"))
+                        figures["direct_b2b"].append(await straight())
+            finally:
+                if direct is not None:
+                    await pools.release(direct, owner=None)
     ms = {k: summary([s * 1000 for s in v]) for k, v in figures.items()}
     report(
         "warm pools, echo (ms)",

@@ -29,7 +29,6 @@ Usage: python bench/bench_warm_stages.py [runs] [one|reuse]   (needs Docker and 
 from __future__ import annotations
 
 import asyncio
-import secrets
 import statistics
 import sys
 import tempfile
@@ -41,13 +40,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp
-import docker
-from aiohttp import web
 
-from bench.bench_pool import ECHO, INPUT, free_port, until
-from gateway.http.app import HUB, create_app
-from gateway.identity.apikeys import KeyStore
-from gateway.settings import REPO_ROOT, Settings
+from bench.bench_pool import ECHO, INPUT, hub_on_loopback, until
+from gateway.settings import REPO_ROOT
 
 RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 100
 MODE = sys.argv[2] if len(sys.argv) > 2 else "one"
@@ -68,89 +63,70 @@ def wrap(obj: Any, method: str, mark: Callable[[str], None], name: str) -> None:
     setattr(obj, method, marked)
 
 
-async def main() -> None:
-    if MODE not in ("one", "reuse"):
-        raise SystemExit("mode: one | reuse")
+async def measure(hub: Any, key: str, url: str) -> list[tuple[float, float, dict[str, float]]]:
+    """RUNS warm dispatches through ``hub``, each as (clock start, clock end, marks)."""
     marks: dict[str, float] = {}
 
     def mark(name: str) -> None:
         marks.setdefault(name, time.perf_counter())  # the first of each per task
 
+    pools, router = hub.pools, hub.router
+    for obj, method, name in (
+        (router, "submit", "submit"),
+        (router, "_place", "place"),
+        (router, "_move", "move"),
+        (router, "_hand_over", "handover"),
+        (router, "_finish", "finish"),
+        (hub.store, "create_task", "create"),
+        (pools, "acquire", "acquire"),
+        (pools, "check", "check"),
+    ):
+        wrap(obj, method, mark, name)
+    rows: list[tuple[float, float, dict[str, float]]] = []
+
+    def quiet() -> bool:
+        return (
+            pools._sizes("echo")["idle"] >= POOL_MIN
+            and not pools._sizes("echo")["warming"]
+            and not pools._jobs
+            and not router._removals
+        )
+
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+
+        async def one() -> None:
+            marks.clear()
+            start = time.perf_counter()
+            async with http.post(url, json={"agent": "echo", "input": INPUT}) as resp:
+                body = await resp.json()
+            end = time.perf_counter()
+            if body.get("state") != "succeeded" or body.get("dispatch") != "warm":
+                raise SystemExit(f"not a warm success: {body}")
+            rows.append((start, end, dict(marks)))
+
+        await until(quiet)
+        for _ in range(3):  # connections, caches; in reuse mode the kept container
+            await one()
+        rows.clear()
+        for _ in range(RUNS):
+            if MODE == "one":
+                await until(quiet)
+            await one()
+    return rows
+
+
+async def main() -> None:
+    if MODE not in ("one", "reuse"):
+        raise SystemExit("mode: one | reuse")
     with tempfile.TemporaryDirectory() as tmp:
         agents = Path(tmp) / "agents.yaml"
         extra = f"    pool: {{min: {POOL_MIN}, max: 6}}\n" + (
             "    reuse: true\n" if MODE == "reuse" else ""
         )
         agents.write_text((REPO_ROOT / "agents.yaml").read_text().replace(ECHO, ECHO + extra))
-        keys = KeyStore.load(Path(tmp) / "keys.json")
-        key = keys.create("bench", ["user"])
-        hub_id = "bench-" + secrets.token_hex(3)
-        settings = Settings(
-            port=free_port(),
-            state_dir=Path(tmp) / "state",
-            keys_file=Path(tmp) / "keys.json",
-            agents_file=agents,
-            schemas_dir=REPO_ROOT / "schemas",
-            policies_dir=REPO_ROOT / "policies",
-            hub_id=hub_id,
-            network=f"{hub_id}-int",
-            egress_network=f"{hub_id}-egr",
-        )
-        app = create_app(settings)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", settings.port).start()
-        hub = app[HUB]
-        pools, router = hub.pools, hub.router
-        for obj, method, name in (
-            (router, "submit", "submit"),
-            (router, "_place", "place"),
-            (router, "_move", "move"),
-            (router, "_hand_over", "handover"),
-            (router, "_finish", "finish"),
-            (hub.store, "create_task", "create"),
-            (pools, "acquire", "acquire"),
-            (pools, "check", "check"),
-        ):
-            wrap(obj, method, mark, name)
-        url = f"http://127.0.0.1:{settings.port}/v1/tasks?wait=60"
-        rows: list[tuple[float, float, dict[str, float]]] = []
-
-        def quiet() -> bool:
-            return (
-                pools._sizes("echo")["idle"] >= POOL_MIN
-                and not pools._sizes("echo")["warming"]
-                and not pools._jobs
-                and not router._removals
-            )
-
-        try:
-            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
-
-                async def one() -> None:
-                    marks.clear()
-                    start = time.perf_counter()
-                    async with http.post(url, json={"agent": "echo", "input": INPUT}) as resp:
-                        body = await resp.json()
-                    end = time.perf_counter()
-                    if body.get("state") != "succeeded" or body.get("dispatch") != "warm":
-                        raise SystemExit(f"not a warm success: {body}")
-                    rows.append((start, end, dict(marks)))
-
-                await until(quiet)
-                for _ in range(3):  # connections, caches; in reuse mode the kept container
-                    await one()
-                rows.clear()
-                for _ in range(RUNS):
-                    if MODE == "one":
-                        await until(quiet)
-                    await one()
-        finally:
-            await runner.cleanup()
-            api = docker.from_env(version="auto").api
-            for name in (settings.network, settings.egress_network):
-                for net in api.networks(names=[name]):
-                    api.remove_network(net["Id"])
+        async with hub_on_loopback(Path(tmp), agents) as (hub, settings, key):
+            url = f"http://127.0.0.1:{settings.port}/v1/tasks?wait=60"
+            rows = await measure(hub, key, url)
 
     names = {name for _, _, m in rows for name in m}
     medians = {

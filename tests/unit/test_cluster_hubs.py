@@ -65,6 +65,21 @@ async def until(check: Any, within_s: float = 10.0) -> None:
         await asyncio.sleep(0.05)
 
 
+async def running_on(client: Any, key: str) -> str:
+    """Submit a slow echo task through ``client``'s hub; its id once its container runs."""
+    resp = await client.post("/v1/tasks", json={"agent": "echo", "input": SLOW}, headers=auth(key))
+    assert resp.status == 202, await resp.text()
+    task_id: str = (await resp.json())["task_id"]
+    instances = client.app[HUB].instances
+
+    async def running() -> bool:
+        inst = instances.for_task(task_id)
+        return inst is not None and inst.handle is not None
+
+    await until(running)
+    return task_id
+
+
 def die(hub: Any) -> None:
     """Stop a hub the way a SIGKILL would, as far as the others can tell: no heartbeat, no
     runner finishing its tasks, nothing released."""
@@ -86,17 +101,7 @@ async def test_a_dead_hubs_task_is_taken_over_and_its_tokens_stay_good(
 ) -> None:
     a, b = await two_hubs(pg_target, tmp_path, engine, aiohttp_client)
     hub_a, hub_b = a.app[HUB], b.app[HUB]
-    resp = await a.post(
-        "/v1/tasks", json={"agent": "echo", "input": SLOW}, headers=auth(keys["user"])
-    )
-    assert resp.status == 202, await resp.text()
-    task_id = (await resp.json())["task_id"]
-
-    async def running_on_a() -> bool:
-        inst = hub_a.instances.for_task(task_id)
-        return inst is not None and inst.handle is not None
-
-    await until(running_on_a)
+    task_id = await running_on(a, keys["user"])
     token = hub_a.instances.for_task(task_id).env[SVID_ENV]
     await hub_b.cluster.beat()  # learns hub a's keys and instances
     assert (
@@ -141,16 +146,7 @@ async def test_a_taken_over_container_is_removed_by_the_restart_of_the_hub_that_
     says it was b's to remove, and b's restart does."""
     a, b = await two_hubs(pg_target, tmp_path, engine, aiohttp_client)
     hub_a, hub_b = a.app[HUB], b.app[HUB]
-    resp = await a.post(
-        "/v1/tasks", json={"agent": "echo", "input": SLOW}, headers=auth(keys["user"])
-    )
-    task_id = (await resp.json())["task_id"]
-
-    async def running_on_a() -> bool:
-        inst = hub_a.instances.for_task(task_id)
-        return inst is not None and inst.handle is not None
-
-    await until(running_on_a)
+    task_id = await running_on(a, keys["user"])
     container = (await hub_a.store.get_task(task_id)).container_id
     assert engine.labels[container][LABEL_HUB] == "hub-a"
     die(hub_a)
