@@ -24,7 +24,8 @@ local engine:
 Targets (issue 13): warm p50 at most 5 ms over the direct call; cold p50 at most 1.1x the
 engine floor.
 
-Usage: python bench/bench_pool.py [runs]   (needs Docker and the example images)
+Usage: python bench/bench_pool.py [runs] [--client inline|process]
+(needs Docker and the example images)
 """
 
 from __future__ import annotations
@@ -47,13 +48,17 @@ import aiohttp
 import docker
 from aiohttp import web
 
+from bench._client import ProcessClient
 from bench._stats import report, summary
 from gateway.containers.pools import fingerprint, warm_sandbox
 from gateway.http.app import HUB, create_app
 from gateway.identity.apikeys import KeyStore
 from gateway.settings import REPO_ROOT, Settings
 
-RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+RUNS = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 20
+# ``--client process``: the measured POSTs (hub and direct alike) come from a client in a
+# process of its own (bench/_client.py), as a real caller's would; default: this process.
+CLIENT = sys.argv[sys.argv.index("--client") + 1] if "--client" in sys.argv else "inline"
 INPUT = {"msg": "hello", "n": [1, 2, 3]}
 POOL_MIN = 4
 ECHO = "    resources: {memory: 64m, cpus: 0.5, pids: 32}\n"
@@ -117,16 +122,27 @@ async def main() -> None:
                 k: [] for k in ("warm", "direct", "fresh", "cold", "floor", "reused", "direct_b2b")
             }
             direct = None
+            outside = ProcessClient() if CLIENT == "process" else None
+            if outside is not None:
+                await outside.start()
             try:
                 async with aiohttp.ClientSession(
                     headers={"Authorization": f"Bearer {key}"}
                 ) as http:
+                    auth = {"Authorization": f"Bearer {key}"}
+
+                    async def timed_post(to: str, body: Any) -> tuple[float, Any]:
+                        """One measured POST: seconds to the parsed answer, and the answer."""
+                        if outside is not None:
+                            elapsed, _, out = await outside.post(to, body, auth)
+                            return elapsed, out
+                        start = time.perf_counter()
+                        async with http.post(to, json=body) as resp:
+                            out = await resp.json()
+                        return time.perf_counter() - start, out
 
                     async def via_hub(expect: str | None) -> float:
-                        start = time.perf_counter()
-                        async with http.post(url, json={"agent": "echo", "input": INPUT}) as resp:
-                            body = await resp.json()
-                        elapsed = time.perf_counter() - start
+                        elapsed, body = await timed_post(url, {"agent": "echo", "input": INPUT})
                         if body.get("state") != "succeeded" or expect not in (
                             None,
                             body["dispatch"],
@@ -164,10 +180,7 @@ async def main() -> None:
 
                     async def straight() -> float:
                         body = {"task_id": str(uuid.uuid4()), "input": INPUT}
-                        start = time.perf_counter()
-                        async with http.post(direct_url, json=body) as resp:
-                            out = await resp.json()
-                        elapsed = time.perf_counter() - start
+                        elapsed, out = await timed_post(direct_url, body)
                         assert out["output"]["echo"] == INPUT
                         return elapsed
 
@@ -179,12 +192,7 @@ async def main() -> None:
                         assert fresh is not None
                         try:
                             body = {"task_id": str(uuid.uuid4()), "input": INPUT}
-                            start = time.perf_counter()
-                            async with http.post(
-                                fresh.handle.base_url + "/task", json=body
-                            ) as resp:
-                                out = await resp.json()
-                            elapsed = time.perf_counter() - start
+                            elapsed, out = await timed_post(fresh.handle.base_url + "/task", body)
                         finally:
                             await pools.release(fresh, owner=None)
                         assert out["output"]["echo"] == INPUT
@@ -261,9 +269,11 @@ async def main() -> None:
             finally:
                 if direct is not None:
                     await pools.release(direct, owner=None)
+                if outside is not None:
+                    await outside.close()
     ms = {k: summary([s * 1000 for s in v]) for k, v in figures.items()}
     report(
-        "warm pools, echo (ms)",
+        f"warm pools, echo (ms), client {CLIENT}",
         {
             "warm_submit_to_result_ms": ms["warm"],
             "direct_post_to_running_ms": ms["direct"],
