@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import socket
 import sys
 import tempfile
 import time
@@ -23,23 +22,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp
-import docker
-from aiohttp import web
 
 from bench._stats import report, summary
-from gateway.http.app import create_app
-from gateway.identity.apikeys import KeyStore
-from gateway.settings import REPO_ROOT, Settings
+from bench.bench_pool import hub_on_loopback
+from gateway.settings import REPO_ROOT
 
 RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 10
 IMAGE = "agent-gateway/echo:dev"
 INPUT = {"msg": "hello", "n": [1, 2, 3]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def docker_run_once(remove: bool = True) -> float:
@@ -68,29 +58,12 @@ async def docker_run_once(remove: bool = True) -> float:
 
 async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        keys = KeyStore.load(Path(tmp) / "keys.json")
-        key = keys.create("bench", ["user"])
-        hub_id = "bench-" + secrets.token_hex(3)
-        settings = Settings(
-            port=free_port(),
-            state_dir=Path(tmp) / "state",
-            keys_file=Path(tmp) / "keys.json",
-            agents_file=REPO_ROOT / "agents.yaml",
-            schemas_dir=REPO_ROOT / "schemas",
-            policies_dir=REPO_ROOT / "policies",
-            hub_id=hub_id,
-            network=f"{hub_id}-int",
-            egress_network=f"{hub_id}-egr",
-        )
-        runner = web.AppRunner(create_app(settings), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", settings.port).start()
-        url = f"http://127.0.0.1:{settings.port}/v1/tasks?wait=60"
-        hub_s: list[float] = []
-        run_s: list[float] = []
-        keep_s: list[float] = []
-        phases: dict[str, list[float]] = {"to_dispatched": [], "to_running": [], "to_done": []}
-        try:
+        async with hub_on_loopback(Path(tmp), REPO_ROOT / "agents.yaml") as (_, settings, key):
+            url = f"http://127.0.0.1:{settings.port}/v1/tasks?wait=60"
+            hub_s: list[float] = []
+            run_s: list[float] = []
+            keep_s: list[float] = []
+            phases: dict[str, list[float]] = {"to_dispatched": [], "to_running": [], "to_done": []}
             async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
 
                 async def hub_once() -> float:
@@ -114,12 +87,6 @@ async def main() -> None:
                     run_s.append(await docker_run_once())
                     keep_s.append(await docker_run_once(remove=False))
                     await asyncio.sleep(0.3)  # let the hub's container removal finish
-        finally:
-            await runner.cleanup()
-            api = docker.from_env(version="auto").api
-            for name in (settings.network, settings.egress_network):
-                for net in api.networks(names=[name]):
-                    api.remove_network(net["Id"])
     hub = summary([s * 1000 for s in hub_s])
     base = summary([s * 1000 for s in run_s])
     keep = summary([s * 1000 for s in keep_s])
