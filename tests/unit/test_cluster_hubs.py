@@ -155,7 +155,11 @@ async def test_a_taken_over_container_is_removed_by_the_restart_of_the_hub_that_
         return hub_b.router.drives(task_id)
 
     await until(driven_by_b)
+    runners = list(hub_b.router._runners.values())
     die(hub_b)
+    # Its cancelled runners have stopped (a SIGKILLed hub's never run again) before the end
+    # is recorded: else one finds the task ended and removes the container itself.
+    await asyncio.wait(runners)
     # Its agent reports the result to a's address, where a restarted hub records it.
     await hub_a.store.transition(
         task_id, "succeeded", allowed_from=ACTIVE_STATES, result={"echo": SLOW, "agent": "echo"}
