@@ -9,9 +9,9 @@ whether it still earns its keep against aiohttp's client, on both event loops. C
 - ``aiohttp``: one shared ``ClientSession`` (``TCPConnector(limit=256)``, as the hub's own),
   ``session.post(url, json=body)``, ``await resp.read()``, ``json.loads``: the least a caller
   of aiohttp does;
-- ``agentclient``: ``gateway.agents.http.AgentClient.post``, the aiohttp client the hub still
-  uses for task hand-offs and probes (the same session plus a ``ClientTimeout`` per request
-  and its checks); messages went from it to AgentWire.
+- ``agentclient``: ``gateway.agents.http.AgentClient.post``, what the hub hands tasks over
+  and probes containers with: aiohttp's client until issue 13 moved it onto AgentWire too
+  (messages had moved first), so it should now cost what ``wire`` costs.
 
 The same body (what the hub delivers for a ``ping``) to the same target: a tiny aiohttp
 server in a subprocess of its own (on uvloop when installed, so the target is not what

@@ -9,6 +9,7 @@ store's writer thread, and the event loop then waits to get it back
 
 from __future__ import annotations
 
+import base64
 import os
 import threading
 
@@ -54,6 +55,11 @@ def uuid4_str() -> str:
     """``str(uuid.uuid4())``: 8-4-4-4-12 lowercase hex digits."""
     h = uuid4_hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def token_urlsafe(n: int) -> str:
+    """``secrets.token_urlsafe(n)``: ``n`` random bytes, base64url without padding."""
+    return base64.urlsafe_b64encode(_random.take(n)).rstrip(b"=").decode("ascii")
 
 
 _HEX = frozenset("0123456789abcdef")

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import tempfile
 import threading
 import time
@@ -31,6 +30,7 @@ from spiffe import JwtBundle, JwtSvid, SpiffeId, TrustDomain
 from spiffe.errors import PySpiffeError
 
 from gateway.errors import ConfigError, ExpiredToken, InvalidToken, RevokedToken, Unauthorized
+from gateway.ids import token_urlsafe
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class SvidIssuer:
         key = self._keys[-1]
         now = int(self._clock())
         spiffe_id = f"spiffe://{self.trust_domain}/agent/{agent}"
-        jti = secrets.token_urlsafe(16)
+        jti = token_urlsafe(16)
         claims = {
             "sub": spiffe_id,
             "aud": [self.audience],
@@ -333,9 +333,16 @@ class TokenVerifier:
         """Refuse every token bound to ``instance_id`` from now on (its container stopped)."""
         now = self._clock()
         with self._lock:
-            # Tokens live at most max_ttl_s, so older entries guard nothing any more.
-            for old in [i for i, until in self._revoked.items() if until < now]:
-                del self._revoked[old]
+            # Tokens live at most max_ttl_s, so older entries guard nothing any more. Every
+            # entry lives max_ttl_s from its revocation, so the dict is in the order they
+            # expire: pruning stops at the first live one (a scan of every revocation of
+            # the last hour, on every task's end, grew with the dispatch rate).
+            while self._revoked:
+                oldest = next(iter(self._revoked))
+                if self._revoked[oldest] >= now:
+                    break
+                del self._revoked[oldest]
+            self._revoked.pop(instance_id, None)  # revoked again: to the back, a new end
             self._revoked[instance_id] = now + self._max_ttl_s
 
     def verify(self, token: str) -> VerifiedIdentity:

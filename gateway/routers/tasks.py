@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +45,7 @@ from gateway.errors import (
 )
 from gateway.identity.apikeys import Subject
 from gateway.identity.service import SVID_ENV
-from gateway.ids import traceparent
+from gateway.ids import traceparent, uuid4_hex, uuid4_str
 from gateway.limits.quotas import SubjectQuotas
 from gateway.logs import bound, get_logger
 from gateway.policy.engine import DISPATCH_QUERY, Decision
@@ -208,7 +207,7 @@ class TaskRouter:
         else:
             candidates = config.registry.with_capability(envelope["capability"])
 
-        task_id = str(uuid.uuid4())
+        task_id = uuid4_str()
         first_error: GatewayError | None = None
         for agent in candidates:
             try:
@@ -326,7 +325,7 @@ class TaskRouter:
             self.quotas.unreserve(task_id)
             return _Run(missed=True)  # counted: the runner does not ask again
         row.update(
-            instance_id=uuid.uuid4().hex,
+            instance_id=uuid4_hex(),
             container_id=warm.handle.id,
             container_name=warm.handle.name,
             dispatch="warm",
@@ -676,7 +675,7 @@ class TaskRouter:
             )
             if warm is None:
                 return False
-            instance_id = run.instance.instance_id if run.instance else uuid.uuid4().hex
+            instance_id = run.instance.instance_id if run.instance else uuid4_hex()
             # One write takes the task through dispatched to running, the instance and
             # container with it, while the token is minted and the container probed: all
             # before the hand-off.
@@ -1021,6 +1020,7 @@ class TaskRouter:
         await asyncio.shield(removal)
 
     async def _remove(self, handle: ContainerHandle) -> None:
+        self.agents.forget(handle)
         try:
             await self.backend.remove(handle.id)
         except GatewayError as e:

@@ -1,4 +1,4 @@
-"""The lean HTTP/1.1 client the message router hands messages to agents with."""
+"""The lean HTTP/1.1 client the hub hands tasks and messages to agents with, and probes them."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pytest
 from aiohttp import web
 
 from gateway.agents import Accepted, AgentReplyError
+from gateway.agents import wire as wire_module
 from gateway.agents.wire import AgentWire
 from gateway.containers.backend import ContainerHandle
-from gateway.errors import AgentTimeout, AgentUnavailable
+from gateway.errors import AgentTimeout, AgentUnavailable, AgentUnreachable
 from tests.conftest import load_example
 
 
@@ -104,7 +105,7 @@ async def test_timeout_and_unreachable(wire: AgentWire, serve: Any) -> None:
         await wire.post(handle, "/message", {}, 0.2)
     assert not wire._idle.get(("127.0.0.1", handle.port))  # a timed-out connection is dropped
     gone = ContainerHandle(id="x", name="gone", address="127.0.0.1", port=1)
-    with pytest.raises(AgentUnavailable):
+    with pytest.raises(AgentUnreachable, match="unreachable"):  # nothing was sent
         await wire.post(gone, "/message", {}, 2)
 
 
@@ -163,3 +164,114 @@ async def test_stale_kept_alive_connection_is_retried_once(wire: AgentWire) -> N
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_request_that_reached_the_agent_is_never_called_unreachable(
+    wire: AgentWire,
+) -> None:
+    """Unreachable promises that nothing was sent. A kept-alive connection that takes the
+    request and closes without an answer, with the agent gone before the retry connects,
+    may have run it: that is AgentUnavailable, not AgentUnreachable."""
+    requests = 0
+    server: asyncio.Server | None = None
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            requests += 1
+            if requests == 2:  # took it, then the agent went away
+                assert server is not None
+                server.close()
+                writer.close()
+                return
+            body = b'{"reply": 1}'
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            await writer.drain()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    handle = ContainerHandle(id="x", name="taker", address="127.0.0.1", port=port)
+    try:
+        assert await wire.post(handle, "/message", {}, 5) == {"reply": 1}
+        with pytest.raises(AgentUnavailable) as caught:
+            await wire.post(handle, "/message", {}, 5)
+        assert not isinstance(caught.value, AgentUnreachable)
+        assert requests == 2
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_get_answers_the_status_over_the_kept_connection(wire: AgentWire) -> None:
+    agent = load_example("echo")
+    server = agent.serve_in_thread()
+    handle = ContainerHandle(id="x", name="echo", address="127.0.0.1", port=server.server_port)
+    try:
+        assert await wire.get(handle, "/health", 5) == 200
+        assert await wire.get(handle, "/nope", 5) == 404
+        assert len(wire._idle[("127.0.0.1", handle.port)]) == 1  # one connection, kept
+        # The probe's connection carries the hand-off that follows it.
+        reply = await wire.post(handle, "/task", {"task_id": "t", "input": {"n": 1}}, 5)
+        assert reply["output"]["echo"] == {"n": 1}
+        assert len(wire._idle[("127.0.0.1", handle.port)]) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_connections_their_agents_closed_are_swept(
+    wire: AgentWire, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removed container's kept connection is closed by its end; the next sweep drops
+    it, so addresses of containers long gone do not pile up."""
+    drop = asyncio.Event()
+
+    async def answer_then_drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        await drop.wait()  # kept alive until the container "goes"
+        writer.close()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+
+    servers = [
+        await asyncio.start_server(answer_then_drop, "127.0.0.1", 0),
+        await asyncio.start_server(answer, "127.0.0.1", 0),
+    ]
+    gone, live = (
+        ContainerHandle(
+            id=str(i), name="a", address="127.0.0.1", port=s.sockets[0].getsockname()[1]
+        )
+        for i, s in enumerate(servers)
+    )
+    try:
+        assert await wire.get(gone, "/health", 5) == 200
+        assert await wire.get(live, "/health", 5) == 200
+        gone_key = ("127.0.0.1", gone.port)
+        drop.set()
+        for _ in range(200):
+            if all(r.at_eof() for r, _ in wire._idle[gone_key]):
+                break
+            await asyncio.sleep(0.01)
+        assert await wire.get(live, "/health", 5) == 200
+        assert gone_key in wire._idle  # not swept yet: SWEEP_S has not passed
+        monkeypatch.setattr(wire_module, "SWEEP_S", 0.0)
+        assert await wire.get(live, "/health", 5) == 200  # this release sweeps
+        assert gone_key not in wire._idle
+        assert len(wire._idle[("127.0.0.1", live.port)]) == 1
+    finally:
+        for server in servers:
+            server.close()
+            await server.wait_closed()

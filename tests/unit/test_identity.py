@@ -368,6 +368,29 @@ def test_revoked_instance_is_refused_even_when_cached(
     assert verifier.verify(other).instance_id == "c2"
 
 
+def test_revocations_are_kept_for_a_token_lifetime_and_pruned_from_the_oldest(
+    issuer: SvidIssuer,
+) -> None:
+    """An entry guards its instance for max_ttl_s (no token outlives that), then goes; one
+    revoked again gets a new end. Pruning looks at the oldest entries only."""
+    now = [1000.0]
+    verifier = TokenVerifier(AUD, {TD: issuer.jwks()}, clock=lambda: now[0], max_ttl_s=100)
+    verifier.revoke_instance("a")  # at 1000: kept until 1100
+    now[0] = 1060
+    verifier.revoke_instance("b")  # until 1160
+    now[0] = 1070
+    verifier.revoke_instance("a")  # again: until 1170, behind b
+    now[0] = 1110  # a's first end has passed; it is still revoked
+    verifier.revoke_instance("c")
+    assert list(verifier._revoked) == ["b", "a", "c"]
+    now[0] = 1165  # b's end has passed, a's not
+    verifier.revoke_instance("d")
+    assert list(verifier._revoked) == ["a", "c", "d"]
+    now[0] = 5000
+    verifier.revoke_instance("e")
+    assert list(verifier._revoked) == ["e"]
+
+
 def test_instance_activity_hook_applies_before_and_after_caching(issuer: SvidIssuer) -> None:
     active = {"c1"}
     verifier = TokenVerifier(AUD, {TD: issuer.jwks()}, is_instance_active=active.__contains__)

@@ -1,11 +1,13 @@
-"""gateway.ids: the same strings as uuid.uuid4(), never repeated, fresh in a forked child."""
+"""gateway.ids: the same strings as uuid.uuid4() and secrets.token_urlsafe(), never repeated,
+fresh in a forked child."""
 
 from __future__ import annotations
 
+import base64
 import os
 import uuid
 
-from gateway.ids import uuid4_hex, uuid4_str
+from gateway.ids import token_urlsafe, uuid4_hex, uuid4_str
 
 
 def test_ids_are_version_4_rfc_4122_uuids() -> None:
@@ -22,6 +24,14 @@ def test_ids_are_version_4_rfc_4122_uuids() -> None:
 def test_ids_do_not_repeat() -> None:
     ids = [uuid4_hex() for _ in range(20000)]
     assert len(set(ids)) == len(ids)
+
+
+def test_url_safe_tokens_are_what_secrets_makes() -> None:
+    tokens = [token_urlsafe(16) for _ in range(2000)]
+    assert len(set(tokens)) == len(tokens)
+    for t in tokens:
+        assert len(t) == 22 and "=" not in t  # 16 bytes, base64url, unpadded
+        assert len(base64.urlsafe_b64decode(t + "==")) == 16
 
 
 def test_a_forked_child_does_not_reuse_the_parents_bytes() -> None:
