@@ -19,9 +19,12 @@ untouched); each wrapper notes ``perf_counter`` on entry (``>``) and exit (``<``
 | finish | ``TaskRouter._finish`` (the durable write of the result) |
 
 Printed: the median of each mark over the runs, in ms after the client's clock started, and
-the median total (client clock start to the parsed answer). ``reuse`` runs the same owner's
-tasks back to back in a kept container; ``one`` (default isolation) waits before each task
-until the pool is full again and nothing is warming or being removed.
+the median total (client clock start to the parsed answer); then the event loop thread's CPU
+(``time.thread_time``, the client's share included) between the stage marks, and all of it
+per task: the same stages take far more CPU in ``one`` than in ``reuse`` on this machine
+(see the README). ``reuse`` runs the same owner's tasks back to back in a kept container;
+``one`` (default isolation) waits before each task until the pool is full again and nothing
+is warming or being removed.
 
 Usage: python bench/bench_warm_stages.py [runs] [one|reuse]   (needs Docker and the images)
 """
@@ -29,6 +32,7 @@ Usage: python bench/bench_warm_stages.py [runs] [one|reuse]   (needs Docker and 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import sys
 import tempfile
@@ -63,12 +67,19 @@ def wrap(obj: Any, method: str, mark: Callable[[str], None], name: str) -> None:
     setattr(obj, method, marked)
 
 
-async def measure(hub: Any, key: str, url: str) -> list[tuple[float, float, dict[str, float]]]:
-    """RUNS warm dispatches through ``hub``, each as (clock start, clock end, marks)."""
+STAGES = ("start", "submit>", "create>", "create<", "handover>", "handover<", "finish<", "end")
+Row = tuple[float, float, dict[str, float], dict[str, float]]
+
+
+async def measure(hub: Any, key: str, url: str) -> list[Row]:
+    """RUNS warm dispatches through ``hub``, each as (clock start, clock end, marks, the
+    event loop thread's CPU clock at the marks)."""
     marks: dict[str, float] = {}
+    cpu: dict[str, float] = {}
 
     def mark(name: str) -> None:
         marks.setdefault(name, time.perf_counter())  # the first of each per task
+        cpu.setdefault(name, time.thread_time())
 
     pools, router = hub.pools, hub.router
     for obj, method, name in (
@@ -82,7 +93,7 @@ async def measure(hub: Any, key: str, url: str) -> list[tuple[float, float, dict
         (pools, "check", "check"),
     ):
         wrap(obj, method, mark, name)
-    rows: list[tuple[float, float, dict[str, float]]] = []
+    rows: list[Row] = []
 
     def quiet() -> bool:
         return (
@@ -96,13 +107,16 @@ async def measure(hub: Any, key: str, url: str) -> list[tuple[float, float, dict
 
         async def one() -> None:
             marks.clear()
+            cpu.clear()
+            cpu["start"] = time.thread_time()
             start = time.perf_counter()
             async with http.post(url, json={"agent": "echo", "input": INPUT}) as resp:
                 body = await resp.json()
             end = time.perf_counter()
+            cpu["end"] = time.thread_time()
             if body.get("state") != "succeeded" or body.get("dispatch") != "warm":
                 raise SystemExit(f"not a warm success: {body}")
-            rows.append((start, end, dict(marks)))
+            rows.append((start, end, dict(marks), dict(cpu)))
 
         await until(quiet)
         for _ in range(3):  # connections, caches; in reuse mode the kept container
@@ -128,18 +142,25 @@ async def main() -> None:
             url = f"http://127.0.0.1:{settings.port}/v1/tasks?wait=60"
             rows = await measure(hub, key, url)
 
-    names = {name for _, _, m in rows for name in m}
+    names = {name for _, _, m, _ in rows for name in m}
     medians = {
-        name: statistics.median([(m[name] - start) * 1000 for start, _, m in rows if name in m])
+        name: statistics.median([(m[name] - start) * 1000 for start, _, m, _ in rows if name in m])
         for name in names
     }
     print(f"== warm dispatch stages, echo, {MODE}, {len(rows)} tasks (ms after the POST)")
     for name, at in sorted(medians.items(), key=lambda item: item[1]):
-        seen = sum(1 for _, _, m in rows if name in m)
+        seen = sum(1 for _, _, m, _ in rows if name in m)
         note = f"   (in {seen} of {len(rows)})" if seen < len(rows) else ""
         print(f"  {name:10s} {at:7.3f}{note}")
-    total = statistics.median([(end - start) * 1000 for start, end, _ in rows])
+    total = statistics.median([(end - start) * 1000 for start, end, _, _ in rows])
     print(f"  total      {total:7.3f}")
+    print("== event loop thread CPU between marks (median ms)")
+    for a, b in itertools.pairwise(STAGES):
+        spans = [(c[b] - c[a]) * 1000 for _, _, _, c in rows if a in c and b in c]
+        if spans:
+            print(f"  {a:>10s} .. {b:10s} {statistics.median(spans):7.3f}")
+    whole = statistics.median([(c["end"] - c["start"]) * 1000 for _, _, _, c in rows])
+    print(f"  {'per task':24s} {whole:7.3f}")
 
 
 if __name__ == "__main__":

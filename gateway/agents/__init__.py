@@ -3,8 +3,8 @@
 Parts:
 
 - ``base``: the reply types (``Accepted``, ``AgentReplyError``) and the transport contract;
-- ``http``: ``AgentClient``, aiohttp: readiness probes and task hand-offs;
-- ``wire``: ``AgentWire``, a lean keep-alive HTTP/1.1 client for routed messages;
+- ``http``: ``AgentClient``: readiness probes and task hand-offs, over ``AgentWire``;
+- ``wire``: ``AgentWire``, a lean keep-alive HTTP/1.1 client for hand-offs, messages, probes;
 - ``instances``: the containers the hub runs now, their identities and lineage.
 """
 
