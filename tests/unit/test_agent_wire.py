@@ -38,6 +38,21 @@ async def serve(
     return make
 
 
+async def requests_on(reader: asyncio.StreamReader) -> AsyncIterator[None]:
+    """One item per request head read on a kept-alive connection, until the client closes it."""
+    while True:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        yield None
+
+
+async def answer_ok(writer: asyncio.StreamWriter, body: bytes) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    await writer.drain()
+
+
 async def test_posts_to_an_sdk_agent_over_one_kept_alive_connection(wire: AgentWire) -> None:
     server = load_example("echo").serve_in_thread()
     handle = ContainerHandle(id="x", name="echo", address="127.0.0.1", port=server.server_port)
@@ -144,14 +159,8 @@ async def test_stale_kept_alive_connection_is_retried_once(wire: AgentWire) -> N
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connections.append(writer)
-        while True:
-            try:
-                await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return
-            body = b'{"reply": %d}' % len(connections)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-            await writer.drain()
+        async for _ in requests_on(reader):
+            await answer_ok(writer, b'{"reply": %d}' % len(connections))
 
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -177,20 +186,14 @@ async def test_a_request_that_reached_the_agent_is_never_called_unreachable(
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal requests
-        while True:
-            try:
-                await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return
+        async for _ in requests_on(reader):
             requests += 1
             if requests == 2:  # took it, then the agent went away
                 assert server is not None
                 server.close()
                 writer.close()
                 return
-            body = b'{"reply": 1}'
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-            await writer.drain()
+            await answer_ok(writer, b'{"reply": 1}')
 
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -232,19 +235,13 @@ async def test_connections_their_agents_closed_are_swept(
 
     async def answer_then_drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
-        await writer.drain()
+        await answer_ok(writer, b"{}")
         await drop.wait()  # kept alive until the container "goes"
         writer.close()
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            try:
-                await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
-            await writer.drain()
+        async for _ in requests_on(reader):
+            await answer_ok(writer, b"{}")
 
     servers = [
         await asyncio.start_server(answer_then_drop, "127.0.0.1", 0),
